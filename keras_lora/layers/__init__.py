@@ -1,0 +1,17 @@
+"""LoRA layers: Keras layers with a frozen base weight and a low-rank adapter."""
+
+from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.conv import LoRAConv2D
+from keras_lora.layers.dense import LoRADense
+from keras_lora.layers.einsum_dense import LoRAEinsumDense
+from keras_lora.layers.embedding import LoRAEmbedding
+from keras_lora.layers.embedding import LoRAReversibleEmbedding
+
+__all__ = [
+    "LoRAConv2D",
+    "LoRADense",
+    "LoRAEinsumDense",
+    "LoRAEmbedding",
+    "LoRALayer",
+    "LoRAReversibleEmbedding",
+]

@@ -1,0 +1,529 @@
+"""Adapter logic shared by every keras_lora layer.
+
+A LoRA layer keeps the frozen base weight `W` of the Keras layer it subclasses
+and adds two trainable float32 factors, `lora_a` (d_in x r) and `lora_b`
+(r x d_out), so that the layer computes with `W + s * A @ B`
+(Hu et al. 2021, arXiv:2106.09685, eq. 3, in Keras's `y = x @ W`
+orientation). The scaling `s` is `alpha / rank`, or `alpha / sqrt(rank)`
+with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732).
+"""
+
+import contextlib
+import contextvars
+import math
+import numbers
+import warnings
+
+import keras
+from keras import ops
+
+# Names of the frozen weights of the Keras layers we adapt, in Keras's order.
+BASE_WEIGHT_NAMES = ("kernel", "bias", "embeddings", "reverse_embeddings")
+
+# The constructor arguments a LoRA layer adds to its Keras base layer.
+LORA_CONFIG_KEYS = (
+    "rank",
+    "alpha",
+    "dropout",
+    "use_rslora",
+    "lora_a_initializer",
+    "lora_b_initializer",
+    "train_bias",
+)
+
+# While `from_layer` builds a LoRA layer, the base layer's variables to reuse.
+_SHARED_VARIABLES = contextvars.ContextVar("keras_lora_shared", default=None)
+
+
+def _is_real_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def validate_rank(rank):
+    """Returns `rank` as an int, or raises a `ValueError` naming it."""
+    if (
+        not isinstance(rank, numbers.Integral)
+        or isinstance(rank, bool)
+        or rank <= 0
+    ):
+        raise ValueError(
+            f"`rank` must be a positive integer. Received: rank={rank!r}"
+        )
+    return int(rank)
+
+
+def validate_lora_args(
+    rank, alpha, dropout, use_rslora, train_bias=False, **unexpected
+):
+    """Checks the LoRA constructor arguments; returns them normalised.
+
+    Raises:
+        ValueError: if `rank` is not a positive integer (bools are refused),
+            `alpha` is not a positive finite number, `dropout` is not in
+            [0, 1), or Keras's own `lora_rank` / `lora_alpha` are passed.
+        TypeError: if `use_rslora` or `train_bias` is not a bool.
+    """
+    for key in ("lora_rank", "lora_alpha"):
+        if unexpected.get(key) is not None:
+            raise ValueError(
+                f"`{key}` is Keras's built-in LoRA; keras_lora layers take "
+                f"`rank` and `alpha`. Received: {key}={unexpected[key]!r}"
+            )
+    rank = validate_rank(rank)
+    if alpha is None:
+        alpha = rank
+    if not _is_real_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(
+            "`alpha` must be a positive finite number or None. "
+            f"Received: alpha={alpha!r}"
+        )
+    if not _is_real_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(
+            f"`dropout` must be a float in [0, 1). Received: dropout={dropout!r}"
+        )
+    if not isinstance(use_rslora, bool):
+        raise TypeError(
+            f"`use_rslora` must be a bool. Received: use_rslora={use_rslora!r}"
+        )
+    if not isinstance(train_bias, bool):
+        raise TypeError(
+            f"`train_bias` must be a bool. Received: train_bias={train_bias!r}"
+        )
+    return rank, alpha, float(dropout), use_rslora, train_bias
+
+
+def lora_scaling(rank, alpha, use_rslora):
+    """`alpha / rank` (LoRA, eq. 4) or `alpha / sqrt(rank)` (rsLoRA)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@contextlib.contextmanager
+def _sharing(layer, variables):
+    token = _SHARED_VARIABLES.set((layer, variables))
+    try:
+        yield
+    finally:
+        _SHARED_VARIABLES.reset(token)
+
+
+def _plain_subclass(layer_class, base_class):
+    """True when `layer_class` computes exactly like `base_class`."""
+    return all(
+        getattr(layer_class, method) is getattr(base_class, method)
+        for method in ("call", "build", "get_config", "__init__")
+        if hasattr(base_class, method)
+    ) or layer_class is base_class
+
+
+class LoRALayer:
+    """Mixin that turns a Keras layer into a LoRA layer.
+
+    Subclasses put it first in their bases (`class LoRADense(LoRALayer,
+    keras.layers.Dense)`), set `base_class`, and implement `lora_shapes()`
+    (the shapes of each adapter pair) and `weight_deltas()` (the float32
+    update `s * A @ B` of each adapted weight, in that weight's shape).
+    """
+
+    #: The Keras layer class this LoRA layer adapts.
+    base_class = None
+
+    def _init_lora(
+        self,
+        rank,
+        alpha,
+        dropout,
+        use_rslora,
+        lora_a_initializer,
+        lora_b_initializer,
+        train_bias,
+    ):
+        self.adapter_rank = rank
+        self.adapter_alpha = alpha
+        self.adapter_dropout = dropout
+        self.use_rslora = use_rslora
+        self.train_bias = train_bias
+        self.lora_a_initializer = keras.initializers.get(lora_a_initializer)
+        self.lora_b_initializer = keras.initializers.get(lora_b_initializer)
+        self.merge_class = self.base_class
+        self.merged = False
+        self._unmerged_values = None
+        self.dropout_seed = (
+            keras.random.SeedGenerator() if dropout > 0 else None
+        )
+
+    @property
+    def scaling(self):
+        """The factor `s` in `W + s * A @ B`."""
+        return lora_scaling(
+            self.adapter_rank, self.adapter_alpha, self.use_rslora
+        )
+
+    # -- Building -----------------------------------------------------------
+
+    def add_weight(self, *args, **kwargs):
+        """Creates (or, in `from_layer`, reuses) a weight; base ones frozen."""
+        name = kwargs.get("name")
+        if name not in BASE_WEIGHT_NAMES:
+            return super().add_weight(*args, **kwargs)
+        trainable = name == "bias" and self.train_bias
+        shared = _SHARED_VARIABLES.get()
+        if shared is not None and shared[0] is self:
+            variable = shared[1].pop(name, None)
+            if variable is not None:
+                # Keras tracks the variable when the base build assigns it.
+                variable.trainable = trainable
+                return variable
+        kwargs["trainable"] = trainable
+        return super().add_weight(*args, **kwargs)
+
+    def build_adapters(self):
+        """Creates the float32 adapter pairs; call at the end of `build`."""
+        for a_name, b_name, a_shape, b_shape in self.lora_shapes():
+            d_in = math.prod(a_shape[:-1])
+            d_out = math.prod(b_shape[1:])
+            if self.adapter_rank > min(d_in, d_out):
+                warnings.warn(
+                    f"Layer '{self.name}': rank={self.adapter_rank} is larger "
+                    f"than min(d_in={d_in}, d_out={d_out}); the adapter has "
+                    "more parameters than a full update and gives no "
+                    "compression.",
+                    stacklevel=3,
+                )
+            setattr(
+                self,
+                a_name,
+                self.add_weight(
+                    name=a_name,
+                    shape=a_shape,
+                    initializer=self.lora_a_initializer,
+                    dtype="float32",
+                    trainable=True,
+                ),
+            )
+            setattr(
+                self,
+                b_name,
+                self.add_weight(
+                    name=b_name,
+                    shape=b_shape,
+                    initializer=self.lora_b_initializer,
+                    dtype="float32",
+                    trainable=True,
+                ),
+            )
+
+    def lora_shapes(self):
+        """Returns `[(a_name, b_name, a_shape, b_shape), ...]`."""
+        raise NotImplementedError
+
+    def weight_deltas(self):
+        """Returns `{base_weight_name: float32 s * A @ B in its shape}`."""
+        raise NotImplementedError
+
+    # -- Forward helpers ----------------------------------------------------
+
+    def adapter_factors(self, a_name="lora_a", b_name="lora_b"):
+        """A and B in the compute dtype (they are stored as float32)."""
+        a = ops.cast(getattr(self, a_name), self.compute_dtype)
+        b = ops.cast(getattr(self, b_name), self.compute_dtype)
+        return a, b
+
+    def lora_dropout(self, inputs, training=None, noise_shape=None):
+        """Dropout on the LoRA branch input; identity unless training."""
+        if self.dropout_seed is None or not training:
+            return inputs
+        return keras.random.dropout(
+            inputs,
+            self.adapter_dropout,
+            noise_shape=noise_shape,
+            seed=self.dropout_seed,
+        )
+
+    def lora_active(self):
+        return not self.merged
+
+    # -- Merging ------------------------------------------------------------
+
+    def base_weights(self):
+        """The frozen base variables by name, in Keras's order."""
+        by_name = {w.name: w for w in self.weights}
+        return {n: by_name[n] for n in BASE_WEIGHT_NAMES if n in by_name}
+
+    def adapter_weights(self):
+        """The adapter variables by name (`lora_a`, `lora_b`, ...)."""
+        names = [n for pair in self.lora_shapes() for n in pair[:2]]
+        return {n: getattr(self, n) for n in names}
+
+    def merged_values(self):
+        """`{name: W + s * A @ B}`, computed in float32, cast once to W's
+        dtype, for every adapted base weight (others are left out)."""
+        base = self.base_weights()
+        values = {}
+        for name, delta in self.weight_deltas().items():
+            original = self._original_value(name)
+            merged = ops.add(ops.cast(original, "float32"), delta)
+            values[name] = ops.cast(merged, base[name].dtype)
+        return values
+
+    def _original_value(self, name):
+        if self._unmerged_values is not None:
+            return self._unmerged_values[name]
+        return self.base_weights()[name]
+
+    def base_config(self):
+        """The config of the plain Keras layer (no LoRA arguments)."""
+        return super().get_config()
+
+    def _new_plain_layer(self):
+        layer = self.merge_class.from_config(self.base_config())
+        build_config = self.get_build_config()
+        if build_config:
+            layer.build_from_config(build_config)
+        else:
+            layer.build()
+        return layer
+
+    def merge(self):
+        """Returns a new plain Keras layer with `W + s * A @ B` folded in.
+
+        The LoRA layer itself is not changed and can keep training. The
+        merged weights are computed in float32 and cast once to the base
+        weight's dtype.
+
+        Returns:
+            A built layer of the base Keras class (e.g. `keras.layers.Dense`)
+            with the same config, name and dtype policy, whose variables are
+            new (trainable, as in any plain layer).
+
+        Raises:
+            ValueError: if the layer is not built.
+        """
+        self._check_built("merge")
+        layer = self._new_plain_layer()
+        values = self.merged_values()
+        originals = {n: self._original_value(n) for n in self.base_weights()}
+        for weight in layer.weights:
+            weight.assign(values.get(weight.name, originals[weight.name]))
+        return layer
+
+    def unload(self):
+        """Returns a new plain Keras layer with the base weights, no adapter."""
+        self._check_built("unload")
+        layer = self._new_plain_layer()
+        for weight in layer.weights:
+            weight.assign(self._original_value(weight.name))
+        return layer
+
+    def merge_adapter(self):
+        """Folds the adapter into the base weights in place (as PEFT does).
+
+        The original base values are kept, so `unmerge_adapter()` restores
+        them bit for bit. While merged, `call` skips the LoRA branch. The
+        base variables may be shared with the model `apply_lora` was given:
+        that model sees the merged weights too until `unmerge_adapter()`.
+        Compiled functions (`model.predict`) must be re-made after this
+        call: `keras_lora.merge_adapters(model)` does that for a model.
+        """
+        self._check_built("merge_adapter")
+        if self.merged:
+            raise ValueError(f"Layer '{self.name}' is already merged.")
+        values = self.merged_values()
+        base = self.base_weights()
+        self._unmerged_values = {
+            n: ops.copy(base[n].value) for n in values
+        }
+        for name, value in values.items():
+            base[name].assign(value)
+        self.merged = True
+
+    def unmerge_adapter(self):
+        """Restores the base weights kept by `merge_adapter()`, bit for bit."""
+        if not self.merged:
+            raise ValueError(f"Layer '{self.name}' is not merged.")
+        base = self.base_weights()
+        for name, value in self._unmerged_values.items():
+            base[name].assign(value)
+        self._unmerged_values = None
+        self.merged = False
+
+    def _check_built(self, what):
+        if not self.built:
+            raise ValueError(
+                f"Cannot {what} layer '{self.name}': it is not built yet. "
+                "Call it on an input (or `build(input_shape)`) first."
+            )
+
+    # -- Serialization ------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "rank": self.adapter_rank,
+                "alpha": self.adapter_alpha,
+                "dropout": self.adapter_dropout,
+                "use_rslora": self.use_rslora,
+                "lora_a_initializer": keras.initializers.serialize(
+                    self.lora_a_initializer
+                ),
+                "lora_b_initializer": keras.initializers.serialize(
+                    self.lora_b_initializer
+                ),
+                "train_bias": self.train_bias,
+            }
+        )
+        return config
+
+    def save_own_variables(self, store):
+        """Saves base weights (unmerged values) and adapters by name."""
+        if not self.built:
+            return
+        for name, variable in self.base_weights().items():
+            store[name] = self._original_value(name)
+        for name, variable in self.adapter_weights().items():
+            store[name] = variable
+
+    def load_own_variables(self, store):
+        """Loads what `save_own_variables` wrote; refuses any mismatch."""
+        if not self.built:
+            return
+        expected = {**self.base_weights(), **self.adapter_weights()}
+        received = set(store.keys())
+        if received != set(expected):
+            raise ValueError(
+                f"Layer '{self.name}' ({type(self).__name__}) expected "
+                f"variables {sorted(expected)}; the checkpoint has "
+                f"{sorted(received)}. Missing: "
+                f"{sorted(set(expected) - received)}; unexpected: "
+                f"{sorted(received - set(expected))}."
+            )
+        for name, variable in expected.items():
+            value = store[name]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"Layer '{self.name}': variable '{name}' has shape "
+                    f"{tuple(variable.shape)}; the checkpoint has "
+                    f"{tuple(value.shape)}."
+                )
+        for name, variable in expected.items():
+            variable.assign(store[name])
+        self._unmerged_values = None
+        self.merged = False
+
+    # -- Construction from an existing layer --------------------------------
+
+    @classmethod
+    def from_layer(
+        cls,
+        layer,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        lora_a_initializer=None,
+        lora_b_initializer=None,
+        train_bias=False,
+    ):
+        """Wraps a built Keras layer, sharing (not copying) its variables.
+
+        The base layer's variables become the LoRA layer's frozen base
+        weights: they are the same objects, so the wrap costs only the
+        adapters' memory, and they are set non-trainable in both layers.
+
+        Args:
+            layer: a built layer of `cls.base_class` (or a subclass that
+                does not change its computation).
+            rank, alpha, dropout, use_rslora, train_bias: as in the
+                constructor.
+            lora_a_initializer, lora_b_initializer: as in the constructor;
+                `None` takes the constructor's default.
+
+        Returns:
+            A built LoRA layer with the same config, name and dtype policy.
+
+        Raises:
+            TypeError: if `layer` is not of the adapted class.
+            ValueError: if `layer` is not built, is quantized, already has
+                an adapter (keras_lora or Keras's `enable_lora`), or the LoRA
+                arguments are invalid.
+        """
+        base = cls.base_class
+        if isinstance(layer, LoRALayer):
+            raise ValueError(
+                f"`layer` is already a keras_lora layer. Received: "
+                f"layer={layer.name!r} of type {type(layer).__name__}"
+            )
+        if not isinstance(layer, base) or not _plain_subclass(
+            type(layer), base
+        ):
+            raise TypeError(
+                f"{cls.__name__}.from_layer() expects a "
+                f"keras.layers.{base.__name__}. Received: layer of type "
+                f"{type(layer).__module__}.{type(layer).__name__}"
+            )
+        if not layer.built:
+            raise ValueError(
+                f"`layer` must be built before it is wrapped. Received: "
+                f"unbuilt layer={layer.name!r}; call it on an input first."
+            )
+        if getattr(layer, "quantization_mode", None):
+            raise ValueError(
+                "Quantized layers are not supported. Received: layer="
+                f"{layer.name!r} with quantization_mode="
+                f"{layer.quantization_mode!r}"
+            )
+        if getattr(layer, "lora_enabled", False):
+            raise ValueError(
+                f"`layer` {layer.name!r} has Keras's built-in LoRA enabled; "
+                "keras_lora cannot wrap it."
+            )
+        config = layer.get_config()
+        config.pop("lora_rank", None)
+        config.pop("lora_alpha", None)
+        initializers = {
+            "lora_a_initializer": lora_a_initializer,
+            "lora_b_initializer": lora_b_initializer,
+        }
+        new = cls(
+            **config,
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            train_bias=train_bias,
+            **{k: v for k, v in initializers.items() if v is not None},
+        )
+        new.merge_class = type(layer)
+        variables = {w.name: w for w in layer.weights}
+        trainable = {name: w.trainable for name, w in variables.items()}
+        build_config = layer.get_build_config()
+        try:
+            with _sharing(new, variables):
+                if build_config:
+                    new.build_from_config(build_config)
+                else:
+                    new.build()
+        except Exception:
+            for w in layer.weights:
+                w.trainable = trainable[w.name]
+            raise
+        if variables:
+            raise ValueError(
+                f"{cls.__name__}.from_layer(): layer {layer.name!r} has "
+                f"variables the LoRA layer does not use: {sorted(variables)}"
+            )
+        return new
+
+    # -- Refused Keras features ----------------------------------------------
+
+    def enable_lora(self, *args, **kwargs):
+        raise ValueError(
+            f"Layer '{self.name}' is a keras_lora layer; Keras's built-in "
+            "`enable_lora` cannot be combined with it."
+        )
+
+    def quantize(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"Layer '{self.name}': quantize the merged model instead "
+            "(`keras_lora.merge(model)`); LoRA layers are not quantized."
+        )

@@ -1,0 +1,145 @@
+"""LoRADense: `keras.layers.Dense` with a low-rank adapter."""
+
+import keras
+from keras import ops
+
+from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.base import validate_lora_args
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRADense(LoRALayer, keras.layers.Dense):
+    """A `Dense` layer whose frozen kernel is adapted by LoRA.
+
+    Computes `activation(x @ W + s * (dropout(x) @ A) @ B + bias)` with the
+    frozen kernel `W` (d_in, units), trainable float32 factors
+    `lora_a` = A (d_in, rank) and `lora_b` = B (rank, units), and
+    `s = alpha / rank` (`alpha / sqrt(rank)` with `use_rslora=True`).
+    This is eq. 3 of Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large
+    Language Models" (arXiv:2106.09685), in Keras's `x @ W` orientation.
+    `A @ B` is never formed in the forward pass. B starts at zero, so a new
+    layer computes exactly what the plain `Dense` computes.
+
+    Args:
+        units: Positive integer, dimensionality of the output space.
+        activation, use_bias, kernel_initializer, bias_initializer,
+            kernel_regularizer, bias_regularizer, activity_regularizer,
+            kernel_constraint, bias_constraint: as in `keras.layers.Dense`.
+        rank: Positive int, the rank r of the update. Defaults to `8`.
+        alpha: Positive float or `None`, the LoRA alpha. `None` (default)
+            means `alpha = rank` (scaling 1.0).
+        dropout: Float in [0, 1), dropout on the LoRA branch's input, in
+            training only. Defaults to `0.0` (skipped).
+        use_rslora: Bool, scale by `alpha / sqrt(rank)` (rsLoRA,
+            arXiv:2312.03732). Defaults to `False`.
+        lora_a_initializer: Initializer for A. Defaults to `"he_uniform"`.
+        lora_b_initializer: Initializer for B. Defaults to `"zeros"`.
+        train_bias: Bool, keep the bias trainable (PEFT's `bias="all"`).
+            Defaults to `False`: only A and B train.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        N-D tensor `(batch_size, ..., input_dim)`, any float dtype.
+
+    Output shape:
+        N-D tensor `(batch_size, ..., units)` in the layer's compute dtype.
+
+    Raises:
+        ValueError: `rank` not a positive int (bools refused), `alpha` not a
+            positive number, `dropout` outside [0, 1), or `lora_rank` given.
+        TypeError: `use_rslora` or `train_bias` not a bool.
+
+    A rank larger than `min(input_dim, units)` is allowed and warns that it
+    gives no compression. Adapters are float32 under every dtype policy.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_lora
+    >>> layer = keras_lora.LoRADense(4, rank=2, alpha=4)
+    >>> layer(np.ones((2, 3), "float32")).shape
+    (2, 4)
+    >>> [w.name for w in layer.trainable_weights]
+    ['lora_a', 'lora_b']
+    """
+
+    base_class = keras.layers.Dense
+
+    def __init__(
+        self,
+        units,
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        lora_a_initializer="he_uniform",
+        lora_b_initializer="zeros",
+        train_bias=False,
+        **kwargs,
+    ):
+        lora = validate_lora_args(
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            train_bias,
+            lora_rank=kwargs.pop("lora_rank", None),
+            lora_alpha=kwargs.pop("lora_alpha", None),
+        )
+        super().__init__(
+            units,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            **kwargs,
+        )
+        rank, alpha, dropout, use_rslora, train_bias = lora
+        self._init_lora(
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            lora_a_initializer,
+            lora_b_initializer,
+            train_bias,
+        )
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.build_adapters()
+
+    def lora_shapes(self):
+        d_in, units = self._kernel.shape
+        return [("lora_a", "lora_b", (d_in, self.adapter_rank),
+                 (self.adapter_rank, units))]
+
+    def call(self, inputs, training=None):
+        x = ops.matmul(inputs, self.kernel)
+        if self.lora_active():
+            a, b = self.adapter_factors()
+            h = ops.matmul(self.lora_dropout(inputs, training), a)
+            x = ops.add(x, ops.matmul(ops.multiply(h, self.scaling), b))
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def weight_deltas(self):
+        delta = ops.matmul(self.lora_a, self.lora_b)
+        return {"kernel": ops.multiply(delta, self.scaling)}

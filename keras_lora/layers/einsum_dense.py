@@ -1,0 +1,189 @@
+"""LoRAEinsumDense: `keras.layers.EinsumDense` with a low-rank adapter."""
+
+import math
+import string
+
+import keras
+from keras import ops
+
+from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.base import validate_lora_args
+
+
+def factor_equation(equation):
+    """Splits an EinsumDense equation into the two LoRA einsums.
+
+    The kernel is factored as a matrix of (all its input axes) x (all its
+    output axes), as PEFT does for a `q_proj` weight: for Gemma's query
+    `"btd,ndh->btnh"`, A is (d, r) and B is (r, n*h).
+
+    Args:
+        equation: str, an `EinsumDense` equation `"inputs,kernel->outputs"`.
+
+    Returns:
+        `(in_axes, out_axes, equation_a, equation_b)`: the kernel's
+        contracted axes and output axes (each in kernel order), the einsum
+        computing `x @ A` and the one computing `(x @ A) @ B`.
+
+    Raises:
+        ValueError: if the kernel has an axis that is both contracted and
+            kept in the output (a batched kernel), or lacks input or output
+            axes, so it cannot be written as one d_in x d_out matrix.
+    """
+    try:
+        lhs, outputs = equation.replace(" ", "").split("->")
+        inputs, kernel = lhs.split(",")
+    except ValueError:
+        raise ValueError(
+            "`equation` must have the form 'inputs,kernel->outputs'. "
+            f"Received: equation={equation!r}"
+        ) from None
+    in_axes = tuple(c for c in kernel if c in inputs and c not in outputs)
+    out_axes = tuple(c for c in kernel if c in outputs and c not in inputs)
+    others = [c for c in kernel if c not in in_axes and c not in out_axes]
+    if others or not in_axes or not out_axes:
+        raise ValueError(
+            "LoRA needs an EinsumDense kernel that splits into (input axes) "
+            "x (output axes); kernel axes "
+            f"{others or 'on one side only'} prevent that. "
+            f"Received: equation={equation!r}"
+        )
+    free = next(c for c in string.ascii_letters if c not in equation)
+    hidden = "".join(c for c in inputs if c not in in_axes) + free
+    equation_a = f"{inputs},{''.join(in_axes)}{free}->{hidden}"
+    equation_b = f"{hidden},{free}{''.join(out_axes)}->{outputs}"
+    return in_axes, out_axes, equation_a, equation_b
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
+    """An `EinsumDense` layer whose frozen kernel is adapted by LoRA.
+
+    The kernel is viewed as a matrix (product of its contracted axes) x
+    (product of its output axes), the orientation PEFT uses for attention
+    projections. With A (d_in, rank) and B (rank, d_out), the layer computes
+    `einsum(x, W) + s * einsum(einsum(dropout(x), A), B)`, then bias and
+    activation as `EinsumDense` does (Hu et al. 2021, arXiv:2106.09685,
+    eq. 3). For Gemma's query projection `"btd,ndh->btnh"`, A is
+    (d, rank) and B is (rank, n*h) in the kernel's (n, h) order.
+
+    Args:
+        equation: str, as in `keras.layers.EinsumDense`. Kernels with an axis
+            both contracted and kept (batched kernels) are refused.
+        output_shape, activation, bias_axes, kernel_initializer,
+            bias_initializer, kernel_regularizer, bias_regularizer,
+            activity_regularizer, kernel_constraint, bias_constraint: as in
+            `keras.layers.EinsumDense`.
+        rank, alpha, dropout, use_rslora, lora_a_initializer,
+            lora_b_initializer, train_bias: as in `keras_lora.LoRADense`.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape / output shape:
+        As given by `equation` and `output_shape`, in the compute dtype.
+
+    Raises:
+        ValueError: a LoRA argument is invalid (see `LoRADense`) or the
+            `equation` cannot be factored; raised by the constructor.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_lora
+    >>> layer = keras_lora.LoRAEinsumDense(
+    ...     "btd,ndh->btnh", output_shape=(None, 2, 4), rank=2)
+    >>> layer(np.ones((1, 3, 8), "float32")).shape
+    (1, 3, 2, 4)
+    """
+
+    base_class = keras.layers.EinsumDense
+
+    def __init__(
+        self,
+        equation,
+        output_shape,
+        activation=None,
+        bias_axes=None,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        lora_a_initializer="he_uniform",
+        lora_b_initializer="zeros",
+        train_bias=False,
+        **kwargs,
+    ):
+        lora = validate_lora_args(
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            train_bias,
+            lora_rank=kwargs.pop("lora_rank", None),
+            lora_alpha=kwargs.pop("lora_alpha", None),
+        )
+        factored = factor_equation(equation)
+        super().__init__(
+            equation,
+            output_shape,
+            activation=activation,
+            bias_axes=bias_axes,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            **kwargs,
+        )
+        self._init_lora(*lora[:4], lora_a_initializer, lora_b_initializer,
+                        lora[4])
+        self.in_axes, self.out_axes, self.equation_a, self.equation_b = (
+            factored
+        )
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        kernel_spec = self.equation.replace(" ", "").split("->")[0]
+        kernel_spec = kernel_spec.split(",")[1]
+        shape = dict(zip(kernel_spec, self._kernel.shape))
+        self.in_dims = tuple(shape[c] for c in self.in_axes)
+        self.out_dims = tuple(shape[c] for c in self.out_axes)
+        order = self.in_axes + self.out_axes
+        self.kernel_permutation = tuple(order.index(c) for c in kernel_spec)
+        self.build_adapters()
+
+    def lora_shapes(self):
+        r = self.adapter_rank
+        return [("lora_a", "lora_b", (math.prod(self.in_dims), r),
+                 (r, math.prod(self.out_dims)))]
+
+    def call(self, inputs, training=None):
+        x = ops.einsum(self.equation, inputs, self.kernel)
+        if self.lora_active():
+            a, b = self.adapter_factors()
+            a = ops.reshape(a, self.in_dims + (self.adapter_rank,))
+            b = ops.reshape(b, (self.adapter_rank,) + self.out_dims)
+            h = ops.einsum(
+                self.equation_a, self.lora_dropout(inputs, training), a
+            )
+            h = ops.multiply(h, self.scaling)
+            x = ops.add(x, ops.einsum(self.equation_b, h, b))
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def weight_deltas(self):
+        delta = ops.matmul(self.lora_a, self.lora_b)
+        delta = ops.reshape(delta, self.in_dims + self.out_dims)
+        delta = ops.transpose(delta, self.kernel_permutation)
+        return {"kernel": ops.multiply(delta, self.scaling)}

