@@ -1,11 +1,22 @@
 """keras_lora: LoRA (low-rank adaptation) for Keras 3 on TensorFlow, JAX and PyTorch."""
 
+from keras_lora.apply import apply_lora
+from keras_lora.apply import iter_layers
+from keras_lora.apply import lora_layers
+from keras_lora.apply import select_targets
+from keras_lora.export import export_saved_model
 from keras_lora.layers import LoRAConv2D
 from keras_lora.layers import LoRADense
 from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRAEmbedding
 from keras_lora.layers import LoRALayer
 from keras_lora.layers import LoRAReversibleEmbedding
+from keras_lora.merge import merge
+from keras_lora.merge import merge_adapters
+from keras_lora.merge import unload
+from keras_lora.merge import unmerge_adapters
+from keras_lora.summary import lora_report
+from keras_lora.summary import lora_summary
 
 __version__ = "0.1.0"
 
@@ -17,4 +28,15 @@ __all__ = [
     "LoRALayer",
     "LoRAReversibleEmbedding",
     "__version__",
+    "apply_lora",
+    "export_saved_model",
+    "iter_layers",
+    "lora_layers",
+    "lora_report",
+    "lora_summary",
+    "merge",
+    "merge_adapters",
+    "select_targets",
+    "unload",
+    "unmerge_adapters",
 ]

@@ -17,6 +17,8 @@ import warnings
 import keras
 from keras import ops
 
+from keras_lora.distribution import adapter_layout_scope
+
 # Names of the frozen weights of the Keras layers we adapt, in Keras's order.
 BASE_WEIGHT_NAMES = ("kernel", "bias", "embeddings", "reverse_embeddings")
 
@@ -152,6 +154,25 @@ class LoRALayer:
         )
 
     @property
+    def trainable(self):
+        """Settable bool, as in Keras; base weights stay frozen when set."""
+        return keras.layers.Layer.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value):
+        keras.layers.Layer.trainable.fset(self, value)
+        if getattr(self, "built", False):
+            self.freeze_base_weights()
+
+    def freeze_base_weights(self):
+        """Sets the base weights non-trainable (the bias trainable only with
+        `train_bias=True` on a trainable layer)."""
+        for name, variable in self.base_weights().items():
+            variable.trainable = (
+                name == "bias" and self.train_bias and self.trainable
+            )
+
+    @property
     def scaling(self):
         """The factor `s` in `W + s * A @ B`."""
         return lora_scaling(
@@ -164,7 +185,10 @@ class LoRALayer:
         """Creates (or, in `from_layer`, reuses) a weight; base ones frozen."""
         name = kwargs.get("name")
         if name not in BASE_WEIGHT_NAMES:
-            return super().add_weight(*args, **kwargs)
+            # Under keras.distribution (JAX), an adapter takes a layout
+            # derived from its base weight's, never the layout map's regex.
+            with adapter_layout_scope(self, name):
+                return super().add_weight(*args, **kwargs)
         trainable = name == "bias" and self.train_bias
         shared = _SHARED_VARIABLES.get()
         if shared is not None and shared[0] is self:
@@ -175,6 +199,12 @@ class LoRALayer:
                 return variable
         kwargs["trainable"] = trainable
         return super().add_weight(*args, **kwargs)
+
+    def build_lora(self):
+        """Sets up the adapter on a built base layer: derived shapes (where a
+        layer has any) and the adapter variables. Called by `build`, and by
+        `apply_lora` on layers it converts in place."""
+        self.build_adapters()
 
     def build_adapters(self):
         """Creates the float32 adapter pairs; call at the end of `build`."""
@@ -241,6 +271,16 @@ class LoRALayer:
 
     def lora_active(self):
         return not self.merged
+
+    #: Set by `keras_lora.multi`: the layer's bank of named adapters.
+    adapter_bank = None
+
+    def mixed_adapter_delta(self, inputs, training=None, reverse=False):
+        """The per-example adapter update inside `keras_lora.multi.mixed_batch`,
+        else `None` (then `call` takes the single-adapter path unchanged)."""
+        if self.adapter_bank is None:
+            return None
+        return self.adapter_bank.mixed_delta(self, inputs, training, reverse)
 
     # -- Merging ------------------------------------------------------------
 

@@ -114,7 +114,7 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
 
     def build(self, input_shape):
         super().build(input_shape)
-        self.build_adapters()
+        self.build_lora()
 
     def lora_shapes(self):
         kernel_shape = tuple(self._kernel.shape)

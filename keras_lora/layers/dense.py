@@ -121,7 +121,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     def build(self, input_shape):
         super().build(input_shape)
-        self.build_adapters()
+        self.build_lora()
 
     def lora_shapes(self):
         d_in, units = self._kernel.shape
@@ -130,7 +130,10 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     def call(self, inputs, training=None):
         x = ops.matmul(inputs, self.kernel)
-        if self.lora_active():
+        mixed = self.mixed_adapter_delta(inputs, training)
+        if mixed is not None:
+            x = ops.add(x, mixed)
+        elif self.lora_active():
             a, b = self.adapter_factors()
             h = ops.matmul(self.lora_dropout(inputs, training), a)
             x = ops.add(x, ops.matmul(ops.multiply(h, self.scaling), b))

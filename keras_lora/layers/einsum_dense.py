@@ -128,7 +128,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             lora_rank=kwargs.pop("lora_rank", None),
             lora_alpha=kwargs.pop("lora_alpha", None),
         )
-        factored = factor_equation(equation)
+        factor_equation(equation)  # refuse bad equations before anything
         super().__init__(
             equation,
             output_shape,
@@ -145,12 +145,15 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         )
         self._init_lora(*lora[:4], lora_a_initializer, lora_b_initializer,
                         lora[4])
-        self.in_axes, self.out_axes, self.equation_a, self.equation_b = (
-            factored
-        )
 
     def build(self, input_shape):
         super().build(input_shape)
+        self.build_lora()
+
+    def build_lora(self):
+        self.in_axes, self.out_axes, self.equation_a, self.equation_b = (
+            factor_equation(self.equation)
+        )
         kernel_spec = self.equation.replace(" ", "").split("->")[0]
         kernel_spec = kernel_spec.split(",")[1]
         shape = dict(zip(kernel_spec, self._kernel.shape))
@@ -167,7 +170,10 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
 
     def call(self, inputs, training=None):
         x = ops.einsum(self.equation, inputs, self.kernel)
-        if self.lora_active():
+        mixed = self.mixed_adapter_delta(inputs, training)
+        if mixed is not None:
+            x = ops.add(x, mixed)
+        elif self.lora_active():
             a, b = self.adapter_factors()
             a = ops.reshape(a, self.in_dims + (self.adapter_rank,))
             b = ops.reshape(b, (self.adapter_rank,) + self.out_dims)

@@ -55,7 +55,7 @@ class _EmbeddingLoRA(LoRALayer):
         if self.built:
             return
         super().build(input_shape)
-        self.build_adapters()
+        self.build_lora()
 
     def lora_shapes(self):
         r = self.adapter_rank
@@ -67,7 +67,10 @@ class _EmbeddingLoRA(LoRALayer):
             inputs = ops.cast(inputs, "int32")
         outputs = ops.take(self.embeddings, inputs, axis=0)
         outputs = ops.cast(outputs, self.compute_dtype)
-        if self.lora_active():
+        mixed = self.mixed_adapter_delta(inputs, training)
+        if mixed is not None:
+            outputs = ops.add(outputs, mixed)
+        elif self.lora_active():
             outputs = ops.add(outputs, _lookup_delta(self, inputs, training))
         return outputs
 
@@ -182,7 +185,10 @@ class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
             x = ops.cast(x, self.reverse_dtype)
             kernel = ops.cast(kernel, self.reverse_dtype)
         logits = ops.matmul(x, kernel)
-        if self.lora_active():
+        mixed = self.mixed_adapter_delta(x, training, reverse=True)
+        if mixed is not None:
+            logits = ops.add(logits, mixed)
+        elif self.lora_active():
             logits = ops.add(logits, self._reverse_delta(x, training))
         if self.logit_soft_cap is not None:
             cap = self.logit_soft_cap

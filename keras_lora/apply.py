@@ -1,0 +1,423 @@
+"""`apply_lora`: put LoRA adapters on the target layers of a whole model.
+
+Layers are found at any depth (functional graph nodes, nested models and the
+sub-layers that subclassed layers such as keras-hub's transformer blocks
+create as attributes) and addressed by their layer path, e.g.
+`decoder_block_0/attention/query` in a keras-hub Gemma model.
+"""
+
+import fnmatch
+import re
+
+import keras
+
+from keras_lora import _keras_private
+from keras_lora.clone import clone_model_sharing_variables
+from keras_lora.layers import LoRAConv2D
+from keras_lora.layers import LoRADense
+from keras_lora.layers import LoRAEinsumDense
+from keras_lora.layers import LoRAEmbedding
+from keras_lora.layers import LoRALayer
+from keras_lora.layers import LoRAReversibleEmbedding
+from keras_lora.layers.base import _plain_subclass
+from keras_lora.layers.base import validate_lora_args
+from keras_lora.layers.einsum_dense import factor_equation
+
+# Most specific first: ReversibleEmbedding is an Embedding.
+LORA_CLASSES = (
+    LoRAReversibleEmbedding,
+    LoRAEmbedding,
+    LoRAEinsumDense,
+    LoRAConv2D,
+    LoRADense,
+)
+
+#: Layer names of attention query and value projections (the LoRA paper's
+#: default targets) in Keras, keras-hub and Hugging Face style models.
+DEFAULT_ATTENTION_NAMES = ("query", "value", "q_proj", "v_proj")
+
+
+def iter_layers(model):
+    """Yields `(path, layer)` for every layer under `model`, at any depth.
+
+    A layer's path is the chain of layer names from `model` down to it
+    (`model` itself not included): `decoder_block_0/attention/query` in a
+    keras-hub `GemmaBackbone`, `gemma_backbone/decoder_block_0/attention/query`
+    in a `GemmaCausalLM`, `inner_model/dense` for a model nested in a model.
+    It depends only on the model's structure, so it is the same in a rebuilt
+    model. Sub-layers that subclassed layers hold as attributes or in lists
+    are included; a layer used at several places is yielded once.
+
+    Args:
+        model: a `keras.Model` or `keras.layers.Layer`.
+
+    Yields:
+        `(str, keras.layers.Layer)` pairs, parents before children.
+    """
+    seen = set()
+
+    def walk(layer, prefix):
+        for sub in _keras_private.sublayers(layer):
+            if id(sub) in seen or isinstance(sub, keras.layers.InputLayer):
+                continue
+            seen.add(id(sub))
+            path = f"{prefix}/{sub.name}" if prefix else sub.name
+            yield path, sub
+            yield from walk(sub, path)
+
+    yield from walk(model, "")
+
+
+def lora_layers(model):
+    """Returns `{path: layer}` for every keras_lora layer in `model`."""
+    return {p: lay for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)}
+
+
+def _lora_class_for(layer):
+    for cls in LORA_CLASSES:
+        if isinstance(layer, cls.base_class) and _plain_subclass(
+            type(layer), cls.base_class
+        ):
+            return cls
+    return None
+
+
+def _describe(pattern):
+    if isinstance(pattern, type):
+        return pattern.__name__
+    if isinstance(pattern, re.Pattern):
+        return f"re.compile({pattern.pattern!r})"
+    return repr(pattern)
+
+
+def _matches(pattern, path, layer):
+    """Whether one target pattern selects the layer at `path`.
+
+    A str matches the layer name, the full path, a trailing part of the path
+    (`attention/query`), or the path as a glob (`*/attention/*`); a compiled
+    regex must `fullmatch` the path; a class matches instances; a callable
+    is called as `pattern(path, layer)`.
+    """
+    if isinstance(pattern, str):
+        return (
+            pattern == layer.name
+            or pattern == path
+            or path.endswith("/" + pattern)
+            or fnmatch.fnmatchcase(path, pattern)
+        )
+    if isinstance(pattern, re.Pattern):
+        return pattern.fullmatch(path) is not None
+    if isinstance(pattern, type):
+        return isinstance(layer, pattern)
+    return bool(pattern(path, layer))
+
+
+def _as_pattern_list(value, argument):
+    if value is None:
+        return None
+    if isinstance(value, (str, re.Pattern, type)) or callable(value):
+        value = [value]
+    try:
+        patterns = list(value)
+    except TypeError:
+        raise TypeError(
+            f"`{argument}` must be a str, regex, layer class, callable or a "
+            f"list of them. Received: {argument}={value!r}"
+        ) from None
+    for pattern in patterns:
+        ok = (
+            isinstance(pattern, (str, re.Pattern))
+            or (isinstance(pattern, type) and issubclass(pattern, keras.layers.Layer))
+            or (callable(pattern) and not isinstance(pattern, type))
+        )
+        if not ok or (isinstance(pattern, str) and not pattern):
+            raise TypeError(
+                f"`{argument}` entries must be non-empty str, compiled regex, "
+                f"keras.layers.Layer subclass or callable(path, layer). "
+                f"Received: {argument} entry {pattern!r}"
+            )
+    if not patterns:
+        raise ValueError(f"`{argument}` must not be empty. Received: {value!r}")
+    return patterns
+
+
+def _per_layer(mapping, path, layer, default):
+    """First value in `mapping` whose pattern matches (PEFT's rank_pattern)."""
+    for pattern, value in (mapping or {}).items():
+        if _matches(pattern, path, layer):
+            return value
+    return default
+
+
+def select_targets(model, targets=None, exclude=None):
+    """Returns `{path: layer}` of the layers `apply_lora` would adapt.
+
+    Args:
+        model: a built `keras.Model` (or layer).
+        targets: `None`, or a str / compiled regex / layer class /
+            callable(path, layer), or a list of them (see `apply_lora`).
+        exclude: the same kinds; matching layers are removed.
+
+    Raises:
+        ValueError: a target pattern matches no layer (the message lists the
+            layer paths that can be adapted), or nothing is left to adapt.
+        TypeError: a pattern has an unsupported type, or a target matches a
+            layer keras_lora cannot adapt.
+    """
+    targets = _as_pattern_list(targets, "targets")
+    exclude = _as_pattern_list(exclude, "exclude")
+    layers = list(iter_layers(model))
+    already = [p for p, lay in layers if isinstance(lay, LoRALayer)]
+    if already:
+        raise ValueError(
+            "`model` already has keras_lora layers; merge or unload it first. "
+            f"Received: model with adapters at {already}"
+        )
+    adaptable = [(p, lay) for p, lay in layers if _lora_class_for(lay)]
+    if targets is None:
+        selected = [
+            (p, lay) for p, lay in adaptable
+            if lay.name in DEFAULT_ATTENTION_NAMES
+        ] or [
+            (p, lay) for p, lay in adaptable
+            if _lora_class_for(lay) in (LoRADense, LoRAEinsumDense, LoRAConv2D)
+        ]
+    else:
+        unmatched = [
+            t for t in targets
+            if not any(_matches(t, p, lay) for p, lay in layers)
+        ]
+        if unmatched:
+            raise ValueError(
+                "These `targets` match no layer of the model: "
+                f"{', '.join(_describe(t) for t in unmatched)}. Layer paths "
+                f"that can be adapted: {[p for p, _ in adaptable]}"
+            )
+        selected = [
+            (p, lay) for p, lay in layers
+            if any(_matches(t, p, lay) for t in targets)
+        ]
+        wrong = [
+            f"{p} ({type(lay).__name__})" for p, lay in selected
+            if _lora_class_for(lay) is None
+        ]
+        if wrong:
+            raise TypeError(
+                "`targets` selects layers keras_lora cannot adapt (supported: "
+                "Dense, EinsumDense, Conv2D, Embedding, ReversibleEmbedding): "
+                f"{wrong}"
+            )
+    if exclude is not None:
+        selected = [
+            (p, lay) for p, lay in selected
+            if not any(_matches(e, p, lay) for e in exclude)
+        ]
+    if not selected:
+        raise ValueError(
+            "No layer left to adapt (after `exclude`). Layer paths that can "
+            f"be adapted: {[p for p, _ in adaptable]}"
+        )
+    for path, layer in selected:
+        if not layer.built:
+            raise ValueError(
+                f"Layer {path!r} is not built; build or call the model on an "
+                "input before apply_lora."
+            )
+        if getattr(layer, "quantization_mode", None):
+            raise ValueError(
+                f"Layer {path!r} is quantized (quantization_mode="
+                f"{layer.quantization_mode!r}); LoRA needs a float kernel."
+            )
+        if getattr(layer, "lora_enabled", False):
+            raise ValueError(
+                f"Layer {path!r} has Keras's built-in LoRA enabled "
+                "(`enable_lora`); keras_lora cannot adapt it."
+            )
+        if isinstance(layer, keras.layers.EinsumDense):
+            factor_equation(layer.equation)
+    return dict(selected)
+
+
+def convert_layer(layer, lora_class, **lora_args):
+    """Turns a built Keras layer into a keras_lora layer in place.
+
+    The object stays the same (so every reference to it, functional graph
+    nodes and parent attributes included, now sees the LoRA layer and a
+    layer shared by several call sites gets one adapter); its variables are
+    kept, frozen, and the adapter variables are created under the layer's
+    own name-scope path.
+    """
+    rank, alpha, dropout, use_rslora, train_bias = validate_lora_args(
+        lora_args["rank"],
+        lora_args["alpha"],
+        lora_args["dropout"],
+        lora_args["use_rslora"],
+        lora_args.get("train_bias", False),
+    )
+    original_class = type(layer)
+    parent = layer.path.rpartition("/")[0] or None
+    layer.__class__ = lora_class
+    try:
+        layer._init_lora(
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            lora_args.get("lora_a_initializer") or (
+                "normal" if issubclass(lora_class, LoRAEmbedding) else "he_uniform"
+            ),
+            lora_args.get("lora_b_initializer") or "zeros",
+            train_bias,
+        )
+        layer.merge_class = original_class
+        _keras_private.refresh_call_signature(layer)
+        with _keras_private.unlocked(layer), keras.name_scope(
+            layer.name, caller=layer, override_parent=parent
+        ):
+            layer.build_lora()
+        layer.freeze_base_weights()
+    except Exception:
+        layer.__class__ = original_class
+        raise
+    return layer
+
+
+def apply_lora(
+    model,
+    rank=8,
+    alpha=None,
+    targets=None,
+    exclude=None,
+    dropout=0.0,
+    use_rslora=False,
+    rank_pattern=None,
+    alpha_pattern=None,
+    train_bias=False,
+    trainable_layers=None,
+    inplace=False,
+):
+    """Adds LoRA adapters to the target layers of a model.
+
+    Returns a model of the same class (a keras-hub `GemmaCausalLM` keeps
+    `generate()` and its preprocessor; a `Sequential` stays `Sequential`)
+    whose target layers, at any depth, are keras_lora layers. The returned
+    model shares every base variable with `model` (nothing is copied: memory
+    grows by the adapters only), and its outputs equal `model`'s until the
+    adapters train (B starts at zero). All base variables are frozen; the
+    trainable weights are the adapters plus the layers in
+    `trainable_layers` (e.g. a new classification head). As in PEFT, the
+    frozen flag is on the shared variables, so `model`'s own trainable
+    weights shrink to the same set.
+
+    Args:
+        model: a built `keras.Model` (functional, sequential, keras-hub task
+            or backbone, or a subclassed model with `get_config`).
+        rank: int, the LoRA rank r. Defaults to `8`.
+        alpha: float or `None` (= rank). Scaling is `alpha / rank`
+            (Hu et al. 2021, arXiv:2106.09685, eq. 4).
+        targets: which layers to adapt. `None` (default): the attention query
+            and value projections (layers named `query`, `value`, `q_proj`,
+            `v_proj`), the LoRA paper's choice; if the model has none, every
+            Dense, EinsumDense and Conv2D. Otherwise a str, compiled regex,
+            layer class or callable `(path, layer) -> bool`, or a list of
+            them. A str matches a layer name, a path, a trailing part of a
+            path (`"attention/query"`), or a glob on the path; a regex must
+            fullmatch the path. Every entry must match some layer.
+        exclude: the same kinds as `targets`; matches are not adapted.
+        dropout: float in [0, 1), LoRA dropout. Defaults to `0.0`.
+        use_rslora: bool, scale by `alpha / sqrt(rank)`. Defaults to `False`.
+        rank_pattern: optional dict `{pattern: rank}` overriding `rank` per
+            layer (first matching pattern wins), as PEFT's `rank_pattern`.
+        alpha_pattern: optional dict `{pattern: alpha}`, likewise.
+        train_bias: bool, keep the biases of adapted layers trainable.
+        trainable_layers: patterns (as `targets`) of layers whose weights
+            stay trainable, e.g. a new head: `trainable_layers=["logits"]`.
+        inplace: bool. `False` (default) returns a new model and leaves
+            `model`'s layers as they are; `True` converts `model` itself
+            (PEFT's behaviour) and returns it.
+
+    Returns:
+        The adapted model (`model` itself when `inplace=True`).
+
+    Raises:
+        ValueError: invalid `rank`, `alpha` or `dropout` (also in the
+            patterns), a target that matches nothing (the message lists the
+            layer paths), an unbuilt or quantized target, or a model that
+            already has keras_lora layers.
+        TypeError: a target matches a layer type keras_lora cannot adapt, or
+            a pattern argument has the wrong type.
+        All checks run before anything is changed.
+
+    Example:
+
+    >>> import keras, keras_lora
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> lora_model = keras_lora.apply_lora(model, rank=2)
+    >>> [w.name for w in lora_model.trainable_weights]
+    ['lora_a', 'lora_b']
+    """
+    validate_lora_args(rank, alpha, dropout, use_rslora, train_bias)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"`inplace` must be a bool. Received: inplace={inplace!r}")
+    for argument, mapping in (
+        ("rank_pattern", rank_pattern),
+        ("alpha_pattern", alpha_pattern),
+    ):
+        if mapping is not None and not isinstance(mapping, dict):
+            raise TypeError(
+                f"`{argument}` must be a dict {{pattern: value}}. "
+                f"Received: {argument}={mapping!r}"
+            )
+    keep = _as_pattern_list(trainable_layers, "trainable_layers")
+    selected = select_targets(model, targets, exclude)
+    plan = {}
+    for path, layer in selected.items():
+        layer_rank = _per_layer(rank_pattern, path, layer, rank)
+        layer_alpha = _per_layer(alpha_pattern, path, layer, alpha)
+        validate_lora_args(layer_rank, layer_alpha, dropout, use_rslora)
+        plan[path] = dict(
+            lora_class=_lora_class_for(layer),
+            rank=layer_rank,
+            alpha=layer_alpha,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            train_bias=train_bias,
+        )
+    if keep is not None:
+        layers = list(iter_layers(model))
+        unmatched = [
+            k for k in keep if not any(_matches(k, p, lay) for p, lay in layers)
+        ]
+        if unmatched:
+            raise ValueError(
+                "These `trainable_layers` match no layer: "
+                f"{', '.join(_describe(k) for k in unmatched)}. Layer paths: "
+                f"{[p for p, _ in layers]}"
+            )
+
+    target = model if inplace else clone_model_sharing_variables(model)
+    by_path = dict(iter_layers(target))
+    for path, args in plan.items():
+        args = dict(args)
+        convert_layer(by_path[path], args.pop("lora_class"), **args)
+
+    adapters = {
+        id(v) for lay in lora_layers(target).values()
+        for v in lay.adapter_weights().values()
+    }
+    kept = set()
+    for path, layer in iter_layers(target):
+        if keep is not None and any(_matches(k, path, layer) for k in keep):
+            kept.update(id(v) for v in layer.weights)
+        elif isinstance(layer, LoRALayer) and train_bias:
+            bias = layer.base_weights().get("bias")
+            if bias is not None:
+                kept.add(id(bias))
+    for variable in target.weights:
+        variable.trainable = id(variable) in adapters or id(variable) in kept
+    for _, layer in iter_layers(target):
+        _keras_private.refresh_torch_params(layer)
+    _keras_private.refresh_torch_params(target)
+    if inplace and getattr(target, "compiled", False):
+        target.compile_from_config(target.get_compile_config())
+    return target

@@ -1,0 +1,147 @@
+"""Model-level merge, unload and in-place merge of LoRA adapters."""
+
+import keras
+
+from keras_lora.apply import lora_layers
+from keras_lora.clone import clone_model_sharing_variables
+from keras_lora.layers.base import LORA_CONFIG_KEYS
+
+
+def _plain_configs(serialized):
+    """Rewrites every serialized keras_lora layer as its base Keras layer."""
+    if isinstance(serialized, list):
+        return [_plain_configs(item) for item in serialized]
+    if not isinstance(serialized, dict):
+        return serialized
+    registered = serialized.get("registered_name") or ""
+    if registered.startswith("keras_lora>"):
+        lora_class = keras.saving.get_registered_object(registered)
+        base = lora_class.base_class
+        config = {
+            k: v
+            for k, v in serialized["config"].items()
+            if k not in LORA_CONFIG_KEYS
+        }
+        plain = keras.saving.serialize_keras_object(base.from_config(config))
+        for key in ("build_config", "compile_config"):
+            if key in serialized:
+                plain[key] = serialized[key]
+        return plain
+    return {key: _plain_configs(value) for key, value in serialized.items()}
+
+
+def _require_adapters(model, what):
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Cannot {what}: the model has no keras_lora layers (was it "
+            "already merged or unloaded?). Received: model="
+            f"{getattr(model, 'name', model)!r}"
+        )
+    return layers
+
+
+def merge(model):
+    """Returns a plain Keras model with every adapter folded into its weights.
+
+    Each keras_lora layer becomes its base Keras layer with
+    `W' = W + s * A @ B` (Hu et al. 2021, arXiv:2106.09685, sec. 4.1: "no
+    additional inference latency"), computed in float32 and cast once to W's
+    dtype. The result has the same class and call signature as `model` (a
+    keras-hub `GemmaCausalLM` keeps `generate()`), holds no keras_lora layer
+    or variable, and saves to a `.keras` file that loads with
+    `keras.saving.load_model` without keras_lora. The merged weights are new
+    variables; all other weights are shared with `model` (not copied).
+    `model` itself is not changed and can keep training.
+
+    Args:
+        model: a model returned by `apply_lora` (adapters may have been
+            merged in place with `merge_adapters`: the kept originals are
+            used, so nothing is added twice).
+
+    Returns:
+        The merged plain model. Its outputs equal `model`'s (float32
+        atol 1e-5).
+
+    Raises:
+        ValueError: if `model` has no keras_lora layers (e.g. it is already
+            merged): merging twice is refused rather than silently repeated.
+
+    Example:
+
+    >>> import keras, keras_lora
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> plain = keras_lora.merge(keras_lora.apply_lora(model, rank=2))
+    >>> type(plain.layers[0]).__name__
+    'Dense'
+    """
+    layers = _require_adapters(model, "merge")
+    values = {}
+    for layer in layers.values():
+        base = layer.base_weights()
+        for name, value in layer.merged_values().items():
+            values[base[name].path] = value
+    return clone_model_sharing_variables(
+        model, values=values, config_transform=_plain_configs
+    )
+
+
+def unload(model):
+    """Returns the base model: every keras_lora layer back to its base layer,
+    with the original (unmerged) weights, shared with `model`.
+
+    Raises:
+        ValueError: if `model` has no keras_lora layers.
+    """
+    layers = _require_adapters(model, "unload")
+    values = {}
+    for layer in layers.values():
+        if layer.merged:
+            for name, variable in layer.base_weights().items():
+                values[variable.path] = layer._original_value(name)
+    return clone_model_sharing_variables(
+        model, values=values, config_transform=_plain_configs
+    )
+
+
+def _reset_compiled_functions(model):
+    for attribute in ("train_function", "test_function", "predict_function"):
+        if hasattr(model, attribute):
+            setattr(model, attribute, None)
+    if hasattr(model, "generate_function"):
+        model.generate_function = None
+
+
+def merge_adapters(model):
+    """Folds every adapter into its base weights in place (PEFT's
+    `merge_adapter`): inference then runs at the base model's speed. The
+    original weights are kept, so `unmerge_adapters` restores them bit for
+    bit. Compiled functions are reset so the next call retraces.
+
+    Raises:
+        ValueError: if `model` has no keras_lora layers or is already merged.
+    """
+    layers = _require_adapters(model, "merge adapters")
+    merged = [p for p, layer in layers.items() if layer.merged]
+    if merged:
+        raise ValueError(f"Adapters already merged in place at {merged}.")
+    for layer in layers.values():
+        layer.merge_adapter()
+    _reset_compiled_functions(model)
+    return model
+
+
+def unmerge_adapters(model):
+    """Undoes `merge_adapters`: restores the kept base weights bit for bit.
+
+    Raises:
+        ValueError: if `model` has no keras_lora layers or none is merged.
+    """
+    layers = _require_adapters(model, "unmerge adapters")
+    merged = [layer for layer in layers.values() if layer.merged]
+    if not merged:
+        raise ValueError("No adapter is merged in place; nothing to unmerge.")
+    for layer in merged:
+        layer.unmerge_adapter()
+    _reset_compiled_functions(model)
+    return model
