@@ -258,23 +258,20 @@ def convert_layer(layer, lora_class, **lora_args):
     parent = layer.path.rpartition("/")[0] or None
     layer.__class__ = lora_class
     try:
-        layer._init_lora(
-            rank,
-            alpha,
-            dropout,
-            use_rslora,
-            lora_args.get("lora_a_initializer") or (
-                "normal" if issubclass(lora_class, LoRAEmbedding) else "he_uniform"
-            ),
-            lora_args.get("lora_b_initializer") or "zeros",
-            train_bias,
+        a_init = lora_args.get("lora_a_initializer") or (
+            "normal" if issubclass(lora_class, LoRAEmbedding) else "he_uniform"
         )
-        layer.merge_class = original_class
-        _keras_private.refresh_call_signature(layer)
-        with _keras_private.unlocked(layer), keras.name_scope(
-            layer.name, caller=layer, override_parent=parent
-        ):
-            layer.build_lora()
+        b_init = lora_args.get("lora_b_initializer") or "zeros"
+        with _keras_private.unlocked(layer):
+            layer._init_lora(
+                rank, alpha, dropout, use_rslora, a_init, b_init, train_bias
+            )
+            layer.merge_class = original_class
+            _keras_private.refresh_call_signature(layer)
+            with keras.name_scope(
+                layer.name, caller=layer, override_parent=parent
+            ):
+                layer.build_lora()
         layer.freeze_base_weights()
     except Exception:
         layer.__class__ = original_class

@@ -23,10 +23,14 @@ def _plain_configs(serialized):
             if k not in LORA_CONFIG_KEYS
         }
         plain = keras.saving.serialize_keras_object(base.from_config(config))
-        for key in ("build_config", "compile_config"):
-            if key in serialized:
-                plain[key] = serialized[key]
-        return plain
+        # Keep what a functional config adds (name, inbound_nodes, ...).
+        return {
+            **serialized,
+            **{
+                key: plain[key]
+                for key in ("module", "class_name", "config", "registered_name")
+            },
+        }
     return {key: _plain_configs(value) for key, value in serialized.items()}
 
 
