@@ -1,9 +1,13 @@
 """keras_lora: LoRA (low-rank adaptation) for Keras 3 on TensorFlow, JAX and PyTorch."""
 
+from keras_lora.adapters import load_adapters
+from keras_lora.adapters import save_adapters
 from keras_lora.apply import apply_lora
 from keras_lora.apply import iter_layers
 from keras_lora.apply import lora_layers
 from keras_lora.apply import select_targets
+from keras_lora.distribution import lora_layout_map
+from keras_lora.distribution import variable_layouts
 from keras_lora.export import export_saved_model
 from keras_lora.layers import LoRAConv2D
 from keras_lora.layers import LoRADense
@@ -31,12 +35,16 @@ __all__ = [
     "apply_lora",
     "export_saved_model",
     "iter_layers",
+    "load_adapters",
     "lora_layers",
+    "lora_layout_map",
     "lora_report",
     "lora_summary",
     "merge",
     "merge_adapters",
+    "save_adapters",
     "select_targets",
     "unload",
     "unmerge_adapters",
+    "variable_layouts",
 ]

@@ -306,7 +306,9 @@ class LoRALayer:
         return values
 
     def _original_value(self, name):
-        if self._unmerged_values is not None:
+        # Only adapted weights are kept by merge_adapter(); others (bias)
+        # are unchanged and read from the variable.
+        if self._unmerged_values is not None and name in self._unmerged_values:
             return self._unmerged_values[name]
         return self.base_weights()[name]
 
