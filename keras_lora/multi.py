@@ -1,0 +1,612 @@
+"""Several named adapters on one model, and mixed-adapter batches.
+
+Each keras_lora layer keeps computing with its own `lora_a` / `lora_b`
+variables: they always hold the *active* adapter, so training, merging,
+saving and the single-adapter forward pass are exactly as without this
+module (same speed: nothing extra runs). The other adapters live in an
+`AdapterBank` attached to each layer (`layer.adapter_bank`), as float32
+NumPy arrays keyed by adapter name.
+
+- `add_adapter(model, name, weights=None)`: a new adapter (fresh, or from a
+  `save_adapters` file or tensors), not active until `set_active_adapter`.
+- `set_active_adapter(model, name)`: swaps the values into the variables.
+- `delete_adapter`, `list_adapters`, `active_adapter`.
+- `disable_adapters(model)`: context manager in which the model computes as
+  its base model (every B is zero inside, restored bit for bit after).
+- `combine_adapters(model, {"a": 0.6, "b": 0.4}, name)`: PEFT's "linear"
+  weighted combination of equal-rank adapters.
+- `merge_active_adapter(model)`: a plain model with the active adapter folded.
+- `mixed_batch(model, adapter_ids)`: context manager in which example `i`
+  of every call uses adapter `list_adapters(model)[adapter_ids[i]]`;
+  `mixed_batch_call` is the function form (use it under `jax.jit` or
+  `tf.function`), `export_mixed_saved_model` writes one TF SavedModel that
+  serves every adapter, with the adapter index as an input.
+
+Mixed batches follow the "gather per example" scheme of multi-LoRA serving
+(S-LoRA, Sheng et al. 2023, arXiv:2311.03285; Punica, Chen et al. 2023,
+arXiv:2310.18547): the banks are stacked as A (n, d_in, r) and
+B (n, r, d_out) with each adapter's scaling folded into B, gathered by index
+and applied with batched einsums:
+`y_i = x_i @ W + (x_i @ A[k_i]) @ (s_k_i * B[k_i])`.
+"""
+
+import contextlib
+import contextvars
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora.adapters import adapter_state
+from keras_lora.adapters import check_adapter_state
+from keras_lora.adapters import lora_layers
+from keras_lora.adapters import read_adapters
+from keras_lora.adapters import reset_compiled_functions
+from keras_lora.layers.base import lora_scaling
+from keras_lora.layers.dense import LoRADense
+from keras_lora.layers.einsum_dense import LoRAEinsumDense
+from keras_lora.layers.embedding import LoRAEmbedding
+from keras_lora.layers.embedding import LoRAReversibleEmbedding
+
+#: The name given to the adapter a model already holds when a second one is
+#: added (PEFT's name for it, too).
+DEFAULT_ADAPTER = "default"
+
+# (model id, adapter ids tensor) while a mixed batch runs.
+_MIXED = contextvars.ContextVar("keras_lora_mixed_batch", default=None)
+
+
+def _to_numpy(value):
+    return np.array(keras.ops.convert_to_numpy(value), dtype="float32")
+
+
+class AdapterBank:
+    """The named adapters of one keras_lora layer.
+
+    Attributes:
+        layer: the LoRA layer.
+        owner: id of the model the bank was created for.
+        adapters: `{name: {"values": {var: np.ndarray}, "alpha": float,
+            "use_rslora": bool}}`, in insertion order (the index order of
+            mixed batches). The active adapter's values are read from the
+            layer's variables, not from here.
+        active: the name of the adapter the variables hold.
+    """
+
+    def __init__(self, layer, owner):
+        self.layer = layer
+        self.owner = owner
+        self.active = DEFAULT_ADAPTER
+        self.adapters = {DEFAULT_ADAPTER: self._snapshot()}
+
+    def _snapshot(self):
+        layer = self.layer
+        return {
+            "values": {
+                n: _to_numpy(v) for n, v in layer.adapter_weights().items()
+            },
+            "alpha": float(layer.adapter_alpha),
+            "use_rslora": bool(layer.use_rslora),
+        }
+
+    def sync(self):
+        """Copies the active adapter's current values into the bank."""
+        self.adapters[self.active] = self._snapshot()
+
+    def activate(self, name):
+        self.sync()
+        entry = self.adapters[name]
+        for var_name, variable in self.layer.adapter_weights().items():
+            variable.assign(entry["values"][var_name])
+        self.layer.adapter_alpha = entry["alpha"]
+        self.layer.use_rslora = entry["use_rslora"]
+        self.active = name
+
+    # -- Mixed batches --------------------------------------------------------
+
+    def _stacked(self, a_name, b_name):
+        """A (n, *a_shape) and s_k * B (n, *b_shape) in the compute dtype."""
+        layer = self.layer
+        dtype = layer.compute_dtype
+        stacks_a, stacks_b = [], []
+        for name, entry in self.adapters.items():
+            if name == self.active:
+                a = getattr(layer, a_name)
+                b = ops.multiply(getattr(layer, b_name), layer.scaling)
+            else:
+                s = lora_scaling(
+                    layer.adapter_rank, entry["alpha"], entry["use_rslora"]
+                )
+                a = entry["values"][a_name]
+                b = entry["values"][b_name] * np.float32(s)
+            stacks_a.append(ops.cast(a, dtype))
+            stacks_b.append(ops.cast(b, dtype))
+        return ops.stack(stacks_a), ops.stack(stacks_b)
+
+    def mixed_delta(self, layer, inputs, training, reverse=False):
+        """Per-example update inside `mixed_batch`; `None` outside it."""
+        state = _MIXED.get()
+        if state is None or state[0] != self.owner:
+            return None
+        if layer.merged:
+            raise ValueError(
+                f"Layer '{layer.name}' is merged in place; unmerge it before "
+                "running a mixed batch."
+            )
+        ids = state[1]
+        if isinstance(layer, LoRAReversibleEmbedding) and reverse:
+            return self._reverse_delta(layer, inputs, ids, training)
+        if isinstance(layer, (LoRAEmbedding, LoRAReversibleEmbedding)):
+            return self._lookup_delta(layer, inputs, ids, training)
+        if isinstance(layer, LoRAEinsumDense):
+            return self._einsum_delta(layer, inputs, ids, training)
+        if isinstance(layer, LoRADense):
+            return self._dense_delta(layer, inputs, ids, training)
+        raise NotImplementedError(
+            f"Mixed-adapter batches support Dense, EinsumDense and Embedding "
+            f"LoRA layers. Received: layer '{layer.name}' of type "
+            f"{type(layer).__name__}."
+        )
+
+    def _dense_delta(self, layer, inputs, ids, training):
+        a, b = self._stacked("lora_a", "lora_b")
+        a, b = ops.take(a, ids, axis=0), ops.take(b, ids, axis=0)
+        x = ops.cast(layer.lora_dropout(inputs, training), a.dtype)
+        h = ops.einsum("b...i,bir->b...r", x, a)
+        return ops.einsum("b...r,bro->b...o", h, b)
+
+    def _einsum_delta(self, layer, inputs, ids, training):
+        lhs, outputs = layer.equation.replace(" ", "").split("->")
+        spec = lhs.split(",")[0]
+        batch = spec[0]
+        hidden = layer.equation_a.split("->")[1]
+        free = hidden[-1]
+        if (
+            spec.startswith(".")
+            or batch not in outputs
+            or batch in lhs[len(spec) :]
+        ):
+            raise NotImplementedError(
+                "Mixed-adapter batches need an EinsumDense equation whose "
+                "first input axis is a named batch axis kept in the output. "
+                f"Received: equation={layer.equation!r} in layer "
+                f"'{layer.name}'."
+            )
+        a, b = self._stacked("lora_a", "lora_b")
+        r = layer.adapter_rank
+        a = ops.reshape(ops.take(a, ids, axis=0), (-1,) + layer.in_dims + (r,))
+        b = ops.reshape(ops.take(b, ids, axis=0), (-1, r) + layer.out_dims)
+        in_axes = "".join(layer.in_axes)
+        out_axes = "".join(layer.out_axes)
+        x = ops.cast(layer.lora_dropout(inputs, training), a.dtype)
+        h = ops.einsum(f"{spec},{batch}{in_axes}{free}->{hidden}", x, a)
+        return ops.einsum(f"{hidden},{batch}{free}{out_axes}->{outputs}", h, b)
+
+    def _lookup_delta(self, layer, inputs, ids, training):
+        a, b = self._stacked("lora_a", "lora_b")
+        n, vocab, r = a.shape
+        tokens = ops.cast(inputs, "int32")
+        offsets = ops.reshape(
+            ops.multiply(ops.cast(ids, "int32"), vocab),
+            (-1,) + (1,) * (len(tokens.shape) - 1),
+        )
+        rows = ops.take(
+            ops.reshape(a, (n * vocab, r)), ops.add(tokens, offsets), axis=0
+        )
+        noise_shape = tuple(ops.shape(rows)[:-1]) + (1,)
+        rows = layer.lora_dropout(rows, training, noise_shape=noise_shape)
+        return ops.einsum("b...r,bro->b...o", rows, ops.take(b, ids, axis=0))
+
+    def _reverse_delta(self, layer, x, ids, training):
+        x = layer.lora_dropout(x, training)
+        if layer.tie_weights:
+            # logits += s * (x @ B.T) @ A.T, per example.
+            a, b = self._stacked("lora_a", "lora_b")
+            a = ops.cast(ops.take(a, ids, axis=0), x.dtype)
+            b = ops.cast(ops.take(b, ids, axis=0), x.dtype)
+            h = ops.einsum("b...d,brd->b...r", x, b)
+            return ops.einsum("b...r,bvr->b...v", h, a)
+        a, b = self._stacked("reverse_lora_a", "reverse_lora_b")
+        a = ops.cast(ops.take(a, ids, axis=0), x.dtype)
+        b = ops.cast(ops.take(b, ids, axis=0), x.dtype)
+        h = ops.einsum("b...d,bdr->b...r", x, a)
+        return ops.einsum("b...r,brv->b...v", h, b)
+
+
+# -- Model-level API ----------------------------------------------------------
+
+
+def _layers(model, create=False):
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(
+            "`model` has no keras_lora layers. Received: model="
+            f"{getattr(model, 'name', model)!r}. Apply LoRA first "
+            "(`keras_lora.apply_lora`)."
+        )
+    banks = [layer.adapter_bank for layer in layers.values()]
+    if any(b is not None and b.owner != id(model) for b in banks):
+        raise ValueError(
+            "The named adapters of these layers were added through another "
+            "model object (e.g. the keras-hub task around this backbone); "
+            "use that model. Received: model="
+            f"{getattr(model, 'name', model)!r}"
+        )
+    if create and any(b is None for b in banks):
+        for path, layer in layers.items():
+            if getattr(layer, "train_bias", False):
+                raise ValueError(
+                    f"Layer '{path}' trains its bias (`train_bias=True`); "
+                    "named adapters share the base weights, so only A and "
+                    "B can differ between adapters."
+                )
+            if not layer.built:
+                raise ValueError(
+                    f"Layer '{path}' is not built; call the model once."
+                )
+        for layer in layers.values():
+            layer.adapter_bank = AdapterBank(layer, id(model))
+    return layers
+
+
+def _banks(model):
+    layers = _layers(model)
+    banks = [layer.adapter_bank for layer in layers.values()]
+    if any(b is None for b in banks):
+        return None
+    return banks
+
+
+def list_adapters(model):
+    """Names of the model's adapters, in index order (for mixed batches).
+
+    A model that never had `add_adapter` called has one: `"default"`.
+    """
+    banks = _banks(model)
+    if banks is None:
+        return [DEFAULT_ADAPTER]
+    return list(banks[0].adapters)
+
+
+def active_adapter(model):
+    """The name of the adapter the model computes with."""
+    banks = _banks(model)
+    return DEFAULT_ADAPTER if banks is None else banks[0].active
+
+
+def _check_name(name, argument="name"):
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"`{argument}` must be a non-empty str. Received: "
+            f"{argument}={name!r}"
+        )
+
+
+def _require(model, name, argument="name"):
+    names = list_adapters(model)
+    if name not in names:
+        raise ValueError(
+            f"No adapter named {name!r}. Received: {argument}={name!r}; "
+            f"the model has {names}."
+        )
+
+
+def add_adapter(model, name, weights=None):
+    """Adds a named adapter to every LoRA layer of `model` (not activated).
+
+    Args:
+        model: a model with keras_lora layers (all built).
+        name: str, a new adapter name.
+        weights: `None` (default) for a fresh adapter (A from the layer's
+            `lora_a_initializer`, B from `lora_b_initializer`: zeros, so it
+            starts as the base model); or a path to a `save_adapters` file
+            (its alpha and rsLoRA flag come along); or `{key: array}` with
+            keys `"<layer path>.lora_a"` etc. as `save_adapters` writes.
+
+    Raises:
+        ValueError: `name` empty or already used; `weights` keys or shapes
+            do not match the model (listed, nothing added); a layer trains
+            its bias.
+
+    Example:
+
+    >>> kl.multi.add_adapter(model, "fr", "fr.safetensors")  # doctest: +SKIP
+    >>> kl.multi.set_active_adapter(model, "french")  # doctest: +SKIP
+    """
+    _check_name(name)
+    layers = _layers(model, create=True)
+    if name in list_adapters(model):
+        raise ValueError(
+            f"An adapter named {name!r} already exists. Received: "
+            f"name={name!r}; delete it first."
+        )
+    configs = {}
+    if weights is None:
+        tensors = {}
+        for path, layer in layers.items():
+            for a_name, b_name, a_shape, b_shape in layer.lora_shapes():
+                tensors[f"{path}.{a_name}"] = _to_numpy(
+                    layer.lora_a_initializer(a_shape, dtype="float32")
+                )
+                tensors[f"{path}.{b_name}"] = _to_numpy(
+                    layer.lora_b_initializer(b_shape, dtype="float32")
+                )
+    elif isinstance(weights, dict):
+        tensors = {k: np.asarray(v, "float32") for k, v in weights.items()}
+    else:
+        tensors, config = read_adapters(weights)
+        configs = config.get("layers", {})
+    check_adapter_state(layers, tensors)
+    for path, layer in layers.items():
+        config = configs.get(path, {})
+        if config and config.get("rank") != layer.adapter_rank:
+            raise ValueError(
+                f"Layer '{path}': the adapter has rank {config.get('rank')}, "
+                f"the layer {layer.adapter_rank}."
+            )
+    for path, layer in layers.items():
+        config = configs.get(path, {})
+        layer.adapter_bank.adapters[name] = {
+            "values": {
+                n: tensors[f"{path}.{n}"] for n in layer.adapter_weights()
+            },
+            "alpha": float(config.get("alpha", layer.adapter_alpha)),
+            "use_rslora": bool(config.get("use_rslora", layer.use_rslora)),
+        }
+
+
+def set_active_adapter(model, name):
+    """Makes `name` the adapter the model computes and trains with.
+
+    The current adapter's values (trained or not) are kept in its bank
+    entry; `name`'s values are assigned to the layers' variables and its
+    alpha set on the layers. Compiled `predict`/`fit` functions are reset.
+
+    Raises:
+        ValueError: no adapter named `name`.
+    """
+    _check_name(name)
+    _require(model, name)
+    banks = _banks(model)
+    if banks is None:
+        return
+    for bank in banks:
+        bank.activate(name)
+    reset_compiled_functions(model)
+
+
+def delete_adapter(model, name):
+    """Removes a non-active adapter from every layer.
+
+    Raises:
+        ValueError: no adapter named `name`, or it is the active one.
+    """
+    _check_name(name)
+    _require(model, name)
+    if name == active_adapter(model):
+        raise ValueError(
+            f"Cannot delete the active adapter. Received: name={name!r}; "
+            "activate another one first (`set_active_adapter`)."
+        )
+    for bank in _banks(model):
+        del bank.adapters[name]
+
+
+def adapter_tensors(model, name):
+    """`{"<path>.<var>": np.ndarray}` of a named adapter (a copy)."""
+    _require(model, name)
+    layers = lora_layers(model)
+    banks = _banks(model)
+    if banks is None or name == active_adapter(model):
+        return adapter_state(model)[0]
+    return {
+        f"{path}.{var}": value.copy()
+        for path, layer in layers.items()
+        for var, value in layer.adapter_bank.adapters[name]["values"].items()
+    }
+
+
+@contextlib.contextmanager
+def disable_adapters(model):
+    """Context manager in which `model` computes as its base model.
+
+    Every B factor is set to zero inside and restored bit for bit on exit,
+    so compiled functions (`predict`, `jax.jit`) see the change without a
+    retrace. A trained bias (`train_bias=True`) stays as trained.
+
+    Example:
+
+    >>> with kl.multi.disable_adapters(model):  # doctest: +SKIP
+    ...     base_outputs = model(x)
+    """
+    layers = _layers(model)
+    saved = []
+    for layer in layers.values():
+        if layer.merged:
+            raise ValueError(
+                f"Layer '{layer.name}' is merged in place; unmerge it first."
+            )
+    for layer in layers.values():
+        for _, b_name, _, _ in layer.lora_shapes():
+            variable = getattr(layer, b_name)
+            saved.append((variable, ops.copy(variable.value)))
+    try:
+        for variable, _ in saved:
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
+        yield model
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
+
+
+def combine_adapters(model, weights, name):
+    """Adds the weighted combination of equal-rank adapters as `name`.
+
+    PEFT's `add_weighted_adapter(combination_type="linear")`: for each
+    layer, `A = sum_k sqrt(w_k * s_k) * A_k` and `B = sum_k sqrt(w_k * s_k)
+    * B_k`, with alpha = rank (scaling 1). For one adapter with weight 1 this
+    reproduces it exactly; for several, `A @ B` includes cross terms
+    `sqrt(w_j s_j w_k s_k) A_j B_k` (as in PEFT).
+
+    Args:
+        model: a model with named adapters.
+        weights: `{adapter_name: float >= 0}`, at least one entry.
+        name: str, the new adapter's name (not activated).
+
+    Raises:
+        ValueError: empty `weights`, unknown names, negative weights, or
+            adapters of different ranks.
+    """
+    _check_name(name)
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(
+            "`weights` must be a non-empty dict {adapter_name: weight}. "
+            f"Received: weights={weights!r}"
+        )
+    for key, w in weights.items():
+        _require(model, key, "weights")
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+            raise ValueError(
+                f"Weights must be non-negative numbers. Received: "
+                f"weights[{key!r}]={w!r}"
+            )
+    layers = _layers(model, create=True)
+    if name in list_adapters(model):
+        raise ValueError(f"An adapter named {name!r} already exists.")
+    for bank in _banks(model):
+        bank.sync()
+    tensors = {}
+    for path, layer in layers.items():
+        for var in layer.adapter_weights():
+            total = 0.0
+            for key, w in weights.items():
+                entry = layer.adapter_bank.adapters[key]
+                s = lora_scaling(
+                    layer.adapter_rank, entry["alpha"], entry["use_rslora"]
+                )
+                total = total + np.sqrt(w * s) * entry["values"][var]
+            tensors[f"{path}.{var}"] = np.asarray(total, "float32")
+    add_adapter(model, name, tensors)
+    for layer in layers.values():
+        entry = layer.adapter_bank.adapters[name]
+        entry["alpha"] = float(layer.adapter_rank)
+        entry["use_rslora"] = False
+
+
+def merge_active_adapter(model):
+    """A plain Keras model with the active adapter folded into the weights.
+
+    Same as `keras_lora.merge(model)` (the layers hold the active adapter).
+    """
+    from keras_lora.merge import merge
+
+    return merge(model)
+
+
+# -- Mixed batches ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mixed_batch(model, adapter_ids):
+    """Context manager: example `i` uses adapter `adapter_ids[i]`.
+
+    `adapter_ids` indexes `list_adapters(model)`; it is an int tensor or
+    array of shape (batch,). Works in eager calls and while tracing a
+    compiled function (`jax.jit`, `tf.function`): the context must be
+    entered inside the traced function, as `mixed_batch_call` does.
+
+    Raises:
+        ValueError: the model has no named adapters (call `add_adapter`),
+            or `adapter_ids` is not a rank-1 integer tensor.
+    """
+    layers = _layers(model, create=True)
+    del layers
+    ids = ops.convert_to_tensor(adapter_ids)
+    if len(ids.shape) != 1 or "int" not in str(ids.dtype):
+        raise ValueError(
+            "`adapter_ids` must be a rank-1 integer tensor (one adapter "
+            f"index per example). Received: shape={tuple(ids.shape)}, "
+            f"dtype={ids.dtype}"
+        )
+    token = _MIXED.set((id(model), ops.cast(ids, "int32")))
+    try:
+        yield model
+    finally:
+        _MIXED.reset(token)
+
+
+def mixed_batch_call(model, inputs, adapter_ids, **kwargs):
+    """`model(inputs, **kwargs)` with adapter `adapter_ids[i]` for example i.
+
+    Example (JAX), one compiled function for every mix of adapters:
+
+    >>> call = kl.multi.mixed_batch_call
+    >>> fn = jax.jit(lambda x, k: call(model, x, k))  # doctest: +SKIP
+    """
+    with mixed_batch(model, adapter_ids):
+        return model(inputs, **kwargs)
+
+
+def export_mixed_saved_model(model, path, input_signature):
+    """Writes one TF SavedModel serving every named adapter.
+
+    The `serve` endpoint takes the model's inputs plus `adapter_ids`
+    (int32, shape (batch,), indexing `list_adapters(model)`). The non-active
+    adapters are stored as constants in the graph, the base weights and the
+    active adapter as variables. Needs the TensorFlow backend (Keras's
+    export of JAX models needs jax2tf; of torch models it is unsupported).
+
+    Args:
+        model: a model with named adapters.
+        path: str, the SavedModel directory.
+        input_signature: list of `tf.TensorSpec` (or nested structures) for
+            the model's inputs, as `keras.export.ExportArchive` takes.
+
+    Raises:
+        RuntimeError: the backend is not TensorFlow.
+    """
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "export_mixed_saved_model needs KERAS_BACKEND=tensorflow. "
+            f"Received: backend {keras.backend.backend()!r}. Save the "
+            "adapters (`save_adapters`) and export from a TensorFlow process."
+        )
+    import tensorflow as tf
+
+    _layers(model, create=True)
+    for bank in _banks(model):
+        bank.sync()
+    ids_spec = tf.TensorSpec([None], tf.int32, name="adapter_ids")
+
+    def serve(inputs, adapter_ids):
+        return mixed_batch_call(model, inputs, adapter_ids, training=False)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    signature = list(input_signature)
+    inner = signature[0] if len(signature) == 1 else signature
+    archive.add_endpoint(
+        "serve",
+        lambda inputs, adapter_ids: serve(inputs, adapter_ids),
+        input_signature=[inner, ids_spec],
+    )
+    archive.write_out(path, verbose=False)
+    return path
+
+
+__all__ = [
+    "AdapterBank",
+    "DEFAULT_ADAPTER",
+    "active_adapter",
+    "adapter_tensors",
+    "add_adapter",
+    "combine_adapters",
+    "delete_adapter",
+    "disable_adapters",
+    "export_mixed_saved_model",
+    "list_adapters",
+    "merge_active_adapter",
+    "mixed_batch",
+    "mixed_batch_call",
+    "set_active_adapter",
+]

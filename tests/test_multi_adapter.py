@@ -1,0 +1,343 @@
+"""Several named adapters and mixed-adapter batches (keras_lora.multi)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from conftest import to_numpy
+
+import keras_lora
+from keras_lora import multi
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB, DIM, SEQ = 20, 8, 3
+
+
+def lm_model():
+    """A tiny causal-LM-shaped model: every kind of layer mixed batches
+    support (reversible embedding both ways, EinsumDense, Dense)."""
+    ids = keras.Input((SEQ,), dtype="int32")
+    embedding = keras_lora.LoRAReversibleEmbedding(
+        VOCAB, DIM, rank=2, alpha=4.0, name="embed"
+    )
+    x = embedding(ids)
+    x = keras_lora.LoRAEinsumDense(
+        "btd,dnh->btnh", (SEQ, 2, 4), rank=2, name="query"
+    )(x)
+    x = keras.layers.Reshape((SEQ, DIM))(x)
+    x = keras_lora.LoRADense(DIM, rank=2, alpha=8.0, name="dense")(x)
+    logits = embedding(x, reverse=True)
+    return keras.Model(ids, logits, name="tiny_lm")
+
+
+def random_adapter(model, seed):
+    rng = np.random.default_rng(seed)
+    tensors, _ = keras_lora.adapters.adapter_state(model)
+    return {
+        k: rng.normal(scale=0.3, size=v.shape).astype("float32")
+        for k, v in tensors.items()
+    }
+
+
+def assign(model, tensors):
+    for path, layer in keras_lora.adapters.lora_layers(model).items():
+        for name, variable in layer.adapter_weights().items():
+            variable.assign(tensors[f"{path}.{name}"])
+
+
+@pytest.fixture
+def lm():
+    model = lm_model()
+    assign(model, random_adapter(model, 0))
+    multi.add_adapter(model, "b", random_adapter(model, 1))
+    multi.add_adapter(model, "c", random_adapter(model, 2))
+    ids = np.random.default_rng(3).integers(0, VOCAB, (4, SEQ))
+    return model, ids.astype("int32")
+
+
+def per_example_reference(model, ids, adapter_ids):
+    """Each example run alone with its adapter active (single-adapter path)."""
+    names = multi.list_adapters(model)
+    active = multi.active_adapter(model)
+    rows = []
+    for row, k in zip(ids, adapter_ids, strict=True):
+        multi.set_active_adapter(model, names[k])
+        rows.append(to_numpy(model(row[None]))[0])
+    multi.set_active_adapter(model, active)
+    return np.stack(rows)
+
+
+def test_add_activate_delete(lm):
+    model, ids = lm
+    assert multi.list_adapters(model) == ["default", "b", "c"]
+    assert multi.active_adapter(model) == "default"
+    out_default = to_numpy(model(ids))
+    multi.set_active_adapter(model, "b")
+    out_b = to_numpy(model(ids))
+    assert not np.allclose(out_b, out_default)
+    dense = model.get_layer("dense")
+    np.testing.assert_array_equal(
+        to_numpy(dense.lora_a),
+        multi.adapter_tensors(model, "b")["dense.lora_a"],
+    )
+    # Switching back restores "default" exactly.
+    multi.set_active_adapter(model, "default")
+    np.testing.assert_array_equal(to_numpy(model(ids)), out_default)
+    with pytest.raises(ValueError, match="Cannot delete the active"):
+        multi.delete_adapter(model, "default")
+    multi.delete_adapter(model, "c")
+    assert multi.list_adapters(model) == ["default", "b"]
+    with pytest.raises(ValueError, match=r"name='c'"):
+        multi.set_active_adapter(model, "c")
+    with pytest.raises(ValueError, match="already exists"):
+        multi.add_adapter(model, "b")
+    with pytest.raises(ValueError, match="`name` must be"):
+        multi.add_adapter(model, "")
+
+
+def test_trained_active_adapter_is_kept_when_switching(lm):
+    model, ids = lm
+    dense = model.get_layer("dense")
+    dense.lora_b.assign(np.full((2, DIM), 0.5, "float32"))
+    multi.set_active_adapter(model, "b")
+    multi.set_active_adapter(model, "default")
+    np.testing.assert_array_equal(to_numpy(dense.lora_b), 0.5)
+
+
+def test_fresh_adapter_is_the_base_model_and_disable(lm):
+    model, ids = lm
+    with multi.disable_adapters(model):
+        base = to_numpy(model(ids))
+    multi.add_adapter(model, "fresh")
+    multi.set_active_adapter(model, "fresh")
+    np.testing.assert_allclose(to_numpy(model(ids)), base, atol=1e-6)
+    multi.set_active_adapter(model, "b")
+    with_b = to_numpy(model(ids))
+    with multi.disable_adapters(model):
+        np.testing.assert_array_equal(to_numpy(model(ids)), base)
+    np.testing.assert_array_equal(to_numpy(model(ids)), with_b)
+
+
+def test_disable_matches_numpy_base_model():
+    """Dense-only model: inside disable_adapters, outputs equal x @ W + b."""
+    inputs = keras.Input((4,))
+    layer = keras_lora.LoRADense(3, rank=2, name="d")
+    model = keras.Model(inputs, layer(inputs))
+    layer.lora_b.assign(np.ones((2, 3), "float32"))
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype("float32")
+    expected = x @ to_numpy(layer.kernel) + to_numpy(layer.bias)
+    with multi.disable_adapters(model):
+        np.testing.assert_allclose(to_numpy(model(x)), expected, atol=1e-6)
+    assert not np.allclose(to_numpy(model(x)), expected)
+
+
+def test_combine_is_peft_linear(lm):
+    """A = sum sqrt(w s) A_k, B = sum sqrt(w s) B_k, alpha = rank (PEFT)."""
+    model, ids = lm
+    weights = {"default": 0.7, "b": 0.3}
+    multi.combine_adapters(model, weights, "mix")
+    multi.set_active_adapter(model, "mix")
+    for layer in keras_lora.adapters.lora_layers(model).values():
+        assert layer.adapter_alpha == layer.adapter_rank
+        for var in ("lora_a", "lora_b"):
+            expected = 0.0
+            for name, w in weights.items():
+                entry = layer.adapter_bank.adapters[name]
+                s = entry["alpha"] / layer.adapter_rank
+                expected = expected + np.sqrt(w * s) * entry["values"][var]
+            np.testing.assert_allclose(
+                to_numpy(getattr(layer, var)), expected, rtol=1e-6, atol=1e-7
+            )
+    # One adapter with weight 1 reproduces it.
+    multi.set_active_adapter(model, "b")
+    out_b = to_numpy(model(ids))
+    multi.combine_adapters(model, {"b": 1.0}, "b_again")
+    multi.set_active_adapter(model, "b_again")
+    np.testing.assert_allclose(to_numpy(model(ids)), out_b, atol=1e-5)
+    with pytest.raises(ValueError, match=r"weights\['b'\]=-1"):
+        multi.combine_adapters(model, {"b": -1}, "neg")
+    with pytest.raises(ValueError, match="No adapter named 'zz'"):
+        multi.combine_adapters(model, {"zz": 1.0}, "bad")
+
+
+def test_mixed_batch_eager_equals_per_example(lm):
+    model, ids = lm
+    adapter_ids = np.array([2, 0, 1, 2], "int32")
+    expected = per_example_reference(model, ids, adapter_ids)
+    out = to_numpy(multi.mixed_batch_call(model, ids, adapter_ids))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    # Outside the context the model is the single-adapter model again.
+    np.testing.assert_allclose(
+        to_numpy(model(ids)),
+        per_example_reference(model, ids, [0, 0, 0, 0]),
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="rank-1 integer"):
+        multi.mixed_batch_call(model, ids, np.zeros((4, 1), "int32"))
+
+
+def test_mixed_batch_dense_numpy_oracle():
+    """y_i = x_i W + b + s_k (x_i A_k) B_k, with s_k from each adapter."""
+    inputs = keras.Input((4,))
+    layer = keras_lora.LoRADense(3, rank=2, alpha=4.0, name="d")
+    model = keras.Model(inputs, layer(inputs))
+    rng = np.random.default_rng(0)
+    a0, b0 = rng.normal(size=(4, 2)), rng.normal(size=(2, 3))
+    a1, b1 = rng.normal(size=(4, 2)), rng.normal(size=(2, 3))
+    layer.lora_a.assign(a0.astype("float32"))
+    layer.lora_b.assign(b0.astype("float32"))
+    multi.add_adapter(model, "one", {"d.lora_a": a1, "d.lora_b": b1})
+    # Give "one" its own alpha (as a file from another run would).
+    layer.adapter_bank.adapters["one"]["alpha"] = 1.0
+    x = rng.normal(size=(3, 4)).astype("float32")
+    k = np.array([1, 0, 1], "int32")
+    w, bias = to_numpy(layer.kernel), to_numpy(layer.bias)
+    factors = [(a0, b0, 4.0 / 2), (a1, b1, 1.0 / 2)]
+    expected = np.stack(
+        [
+            x[i] @ w
+            + bias
+            + factors[k[i]][2] * (x[i] @ factors[k[i]][0]) @ factors[k[i]][1]
+            for i in range(3)
+        ]
+    )
+    out = to_numpy(multi.mixed_batch_call(model, x, k))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _jit(fn):
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    import torch
+
+    return torch.compile(fn, backend="eager", fullgraph=False)
+
+
+def dense_model():
+    inputs = keras.Input((DIM,))
+    x = keras_lora.LoRADense(DIM, rank=2, alpha=4.0, name="d1")(inputs)
+    outputs = keras_lora.LoRADense(3, rank=2, name="d2")(x)
+    model = keras.Model(inputs, outputs)
+    assign(model, random_adapter(model, 0))
+    multi.add_adapter(model, "b", random_adapter(model, 1))
+    multi.add_adapter(model, "c", random_adapter(model, 2))
+    return model
+
+
+@pytest.mark.slow
+def test_mixed_batch_compiled_equals_per_example(lm):
+    """Mixed batches under jax.jit / tf.function(jit_compile=True) on the
+    tiny LM; under torch.compile on a two-Dense model (dynamo tracing the
+    whole LM takes minutes on CPU)."""
+    model, ids = lm
+    if keras.backend.backend() == "torch":
+        model = dense_model()
+        ids = np.random.default_rng(3).normal(size=(4, DIM))
+        ids = ids.astype("float32")
+    adapter_ids = np.array([1, 2, 0, 1], "int32")
+    expected = per_example_reference(model, ids, adapter_ids)
+    fn = _jit(lambda x, k: multi.mixed_batch_call(model, x, k))
+    out = to_numpy(fn(ids, adapter_ids))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    # Another assignment of adapters, same compiled function.
+    adapter_ids = np.array([0, 0, 2, 2], "int32")
+    out = to_numpy(fn(ids, adapter_ids))
+    np.testing.assert_allclose(
+        out, per_example_reference(model, ids, adapter_ids), atol=1e-5
+    )
+
+
+def test_single_adapter_path_untouched_without_banks():
+    """No bank: the layer's own call path (no mixed hook) computes."""
+    inputs = keras.Input((4,))
+    layer = keras_lora.LoRADense(3, rank=2, name="d")
+    model = keras.Model(inputs, layer(inputs))
+    assert layer.adapter_bank is None
+    assert multi.list_adapters(model) == ["default"]
+    x = np.ones((1, 4), "float32")
+    assert layer.mixed_adapter_delta(x) is None
+    assert model(x).shape == (1, 3)
+
+
+_SAVED_MODEL = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    sys.path.insert(0, {tests!r})
+    from keras_lora import multi
+    from test_multi_adapter import lm_model, random_adapter, assign
+    from test_multi_adapter import per_example_reference, SEQ, VOCAB
+    keras.utils.set_random_seed(0)
+    model = lm_model()
+    assign(model, random_adapter(model, 0))
+    multi.add_adapter(model, "b", random_adapter(model, 1))
+    multi.add_adapter(model, "c", random_adapter(model, 2))
+    ids = np.random.default_rng(3).integers(0, VOCAB, (5, SEQ))
+    ids = ids.astype("int32")
+    k = np.array([2, 1, 0, 1, 2], "int32")
+    expected = per_example_reference(model, ids, k)
+    multi.export_mixed_saved_model(
+        model, {path!r}, [tf.TensorSpec([None, SEQ], tf.int32, name="ids")]
+    )
+    del model
+    keras.backend.clear_session()
+    loaded = tf.saved_model.load({path!r})
+    out = loaded.serve(tf.constant(ids), tf.constant(k)).numpy()
+    print("max_abs_diff", float(np.max(np.abs(out - expected))))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    fn = loaded.signatures["serve"]
+    print("signature", sorted(fn.structured_input_signature[1]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_one_saved_model_serves_every_adapter(tmp_path):
+    """One SavedModel, adapter index as input; tf.saved_model.load + serve
+    equals each example run alone with its adapter (exported with the TF
+    backend in a subprocess, so this runs under every backend)."""
+    script = _SAVED_MODEL.format(
+        tests=os.path.join(REPO, "tests"), path=str(tmp_path / "sm")
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, KERAS_BACKEND="tensorflow"),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "max_abs_diff" in result.stdout
+    assert "adapter_ids" in result.stdout
+
+
+def test_export_refuses_other_backends(lm, tmp_path):
+    model, _ = lm
+    if keras.backend.backend() == "tensorflow":
+        return
+    with pytest.raises(RuntimeError, match="KERAS_BACKEND=tensorflow"):
+        multi.export_mixed_saved_model(model, str(tmp_path), [])
+
+
+def test_banks_belong_to_the_model_they_were_added_through(lm):
+    """A model wrapping the adapted one cannot silently replace its banks."""
+    model, ids = lm
+    inputs = keras.Input((SEQ,), dtype="int32")
+    outer = keras.Model(inputs, model(inputs))
+    with pytest.raises(ValueError, match="another model object"):
+        multi.add_adapter(outer, "x")
+    assert multi.list_adapters(model) == ["default", "b", "c"]
