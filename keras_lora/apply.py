@@ -70,7 +70,9 @@ def iter_layers(model):
 
 def lora_layers(model):
     """Returns `{path: layer}` for every keras_lora layer in `model`."""
-    return {p: lay for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)}
+    return {
+        p: lay for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)
+    }
 
 
 def _lora_class_for(layer):
@@ -115,7 +117,7 @@ def _matches(pattern, path, layer):
 def _as_pattern_list(value, argument):
     if value is None:
         return None
-    if isinstance(value, (str, re.Pattern, type)) or callable(value):
+    if isinstance(value, (str, bytes, re.Pattern, type)) or callable(value):
         value = [value]
     try:
         patterns = list(value)
@@ -127,7 +129,10 @@ def _as_pattern_list(value, argument):
     for pattern in patterns:
         ok = (
             isinstance(pattern, (str, re.Pattern))
-            or (isinstance(pattern, type) and issubclass(pattern, keras.layers.Layer))
+            or (
+                isinstance(pattern, type)
+                and issubclass(pattern, keras.layers.Layer)
+            )
             or (callable(pattern) and not isinstance(pattern, type))
         )
         if not ok or (isinstance(pattern, str) and not pattern):
@@ -176,15 +181,18 @@ def select_targets(model, targets=None, exclude=None):
     adaptable = [(p, lay) for p, lay in layers if _lora_class_for(lay)]
     if targets is None:
         selected = [
-            (p, lay) for p, lay in adaptable
+            (p, lay)
+            for p, lay in adaptable
             if lay.name in DEFAULT_ATTENTION_NAMES
         ] or [
-            (p, lay) for p, lay in adaptable
+            (p, lay)
+            for p, lay in adaptable
             if _lora_class_for(lay) in (LoRADense, LoRAEinsumDense, LoRAConv2D)
         ]
     else:
         unmatched = [
-            t for t in targets
+            t
+            for t in targets
             if not any(_matches(t, p, lay) for p, lay in layers)
         ]
         if unmatched:
@@ -194,11 +202,13 @@ def select_targets(model, targets=None, exclude=None):
                 f"that can be adapted: {[p for p, _ in adaptable]}"
             )
         selected = [
-            (p, lay) for p, lay in layers
+            (p, lay)
+            for p, lay in layers
             if any(_matches(t, p, lay) for t in targets)
         ]
         wrong = [
-            f"{p} ({type(lay).__name__})" for p, lay in selected
+            f"{p} ({type(lay).__name__})"
+            for p, lay in selected
             if _lora_class_for(lay) is None
         ]
         if wrong:
@@ -209,7 +219,8 @@ def select_targets(model, targets=None, exclude=None):
             )
     if exclude is not None:
         selected = [
-            (p, lay) for p, lay in selected
+            (p, lay)
+            for p, lay in selected
             if not any(_matches(e, p, lay) for e in exclude)
         ]
     if not selected:
@@ -277,6 +288,54 @@ def convert_layer(layer, lora_class, **lora_args):
         layer.__class__ = original_class
         raise
     return layer
+
+
+def _lora_paths_in_config(serialized, prefix="", found=None):
+    """Paths of the keras_lora layers a serialized model re-creates."""
+    found = set() if found is None else found
+    if isinstance(serialized, list):
+        for item in serialized:
+            _lora_paths_in_config(item, prefix, found)
+    elif isinstance(serialized, dict):
+        config = serialized.get("config")
+        name = config.get("name") if isinstance(config, dict) else None
+        if "class_name" in serialized and isinstance(name, str):
+            path = f"{prefix}/{name}" if prefix else name
+            if str(serialized.get("registered_name")).startswith("keras_lora>"):
+                found.add(path)
+            _lora_paths_in_config(config, path, found)
+        else:
+            for value in serialized.values():
+                _lora_paths_in_config(value, prefix, found)
+    return found
+
+
+def _mark_layers_lost_on_reload(model):
+    """Makes `model.save()` refuse LoRA layers its config does not re-create.
+
+    A LoRA layer that a subclassed layer creates in its `build()` (keras-hub
+    attention projections) is not in the model's config: a `.keras` file
+    would reload it as a plain layer and fail to load its adapter. Saving
+    such a model raises a clear error instead (see `save_own_variables`).
+    """
+    layers = lora_layers(model)
+    try:
+        config = keras.saving.serialize_keras_object(model).get("config", {})
+        in_config = _lora_paths_in_config(config)
+    except Exception:  # noqa: BLE001 - an unserializable model: keep quiet
+        return
+    for path, layer in layers.items():
+        if path in in_config:
+            continue
+        layer._keras_lora_save_error = (
+            f"Cannot save the LoRA layer at {path!r} in a `.keras` file: "
+            f"the model's config does not re-create it (it is built inside "
+            f"the subclassed layer {path.rpartition('/')[0]!r}), so "
+            "`keras.saving.load_model` could not restore its adapter. Save "
+            "the adapters with `keras_lora.save_adapters(model, path)` (and "
+            "restore them with `apply_lora` + `keras_lora.load_adapters`), "
+            "or save `keras_lora.merge(model)`."
+        )
 
 
 def apply_lora(
@@ -355,7 +414,9 @@ def apply_lora(
     """
     validate_lora_args(rank, alpha, dropout, use_rslora, train_bias)
     if not isinstance(inplace, bool):
-        raise TypeError(f"`inplace` must be a bool. Received: inplace={inplace!r}")
+        raise TypeError(
+            f"`inplace` must be a bool. Received: inplace={inplace!r}"
+        )
     for argument, mapping in (
         ("rank_pattern", rank_pattern),
         ("alpha_pattern", alpha_pattern),
@@ -399,7 +460,8 @@ def apply_lora(
         convert_layer(by_path[path], args.pop("lora_class"), **args)
 
     adapters = {
-        id(v) for lay in lora_layers(target).values()
+        id(v)
+        for lay in lora_layers(target).values()
         for v in lay.adapter_weights().values()
     }
     kept = set()
@@ -412,6 +474,20 @@ def apply_lora(
                 kept.add(id(bias))
     for variable in target.weights:
         variable.trainable = id(variable) in adapters or id(variable) in kept
+    for _, layer in iter_layers(target):
+        # A frozen leaf layer gets `trainable=False` itself, not only its
+        # variables: the flag is saved in `.keras` configs (reload keeps the
+        # base frozen), and BatchNormalization then runs in inference mode
+        # (Keras's transfer-learning rule) instead of updating the moving
+        # statistics it shares with `model` during `fit`.
+        if (
+            layer.weights
+            and not isinstance(layer, LoRALayer)
+            and not _keras_private.sublayers(layer)
+            and not any(id(v) in kept for v in layer.weights)
+        ):
+            layer.trainable = False
+    _mark_layers_lost_on_reload(target)
     for _, layer in iter_layers(target):
         _keras_private.refresh_torch_params(layer)
     _keras_private.refresh_torch_params(target)

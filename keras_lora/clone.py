@@ -14,6 +14,8 @@ import keras
 
 from keras_lora import _keras_private
 
+_DEFAULT_HINT = "Use `apply_lora(..., inplace=True)`."
+
 
 class _VariableIndex:
     """Finds a model's variable for a path the clone asks for.
@@ -24,7 +26,7 @@ class _VariableIndex:
     trailing path components is accepted too.
     """
 
-    def __init__(self, variables):
+    def __init__(self, variables, hint=_DEFAULT_HINT):
         self.exact = {}
         self.suffixes = {}
         for variable in variables:
@@ -32,7 +34,7 @@ class _VariableIndex:
             if other is not variable:
                 raise ValueError(
                     "Cannot clone the model without copying: two variables "
-                    f"share the path {variable.path!r}. Use `inplace=True`."
+                    f"share the path {variable.path!r}. {hint}"
                 )
             parts = variable.path.split("/")
             for i in range(1, len(parts)):
@@ -97,7 +99,9 @@ def _reusing_variables(index, values_by_path, created):
         keras.layers.Layer.add_weight = original_add_weight
 
 
-def clone_model_sharing_variables(model, values=None, config_transform=None):
+def clone_model_sharing_variables(
+    model, values=None, config_transform=None, hint=_DEFAULT_HINT
+):
     """Returns a new model of `model`'s class that shares its variables.
 
     Args:
@@ -109,6 +113,8 @@ def clone_model_sharing_variables(model, values=None, config_transform=None):
         config_transform: optional function applied to the serialized model
             (a dict) before it is deserialized (used by `merge` to turn
             keras_lora layer configs into their base layer configs).
+        hint: str, what the error tells the user to do instead when the
+            model cannot be cloned.
 
     Returns:
         The clone, built and, if `model` was compiled, compiled alike.
@@ -118,7 +124,7 @@ def clone_model_sharing_variables(model, values=None, config_transform=None):
             the clone creates variables that `model` does not have (e.g. a
             subclassed model whose config does not rebuild it exactly).
     """
-    index = _VariableIndex(model.weights)
+    index = _VariableIndex(model.weights, hint)
     serialized = keras.saving.serialize_keras_object(model)
     preprocessor = getattr(model, "preprocessor", None)
     if preprocessor is not None and "preprocessor" in serialized["config"]:
@@ -127,10 +133,15 @@ def clone_model_sharing_variables(model, values=None, config_transform=None):
     if config_transform is not None:
         serialized = config_transform(serialized)
     created = []
-    with _reusing_variables(index, values or {}, created), warnings.catch_warnings():
+    with (
+        _reusing_variables(index, values or {}, created),
+        warnings.catch_warnings(),
+    ):
         # keras-hub tasks compile themselves in __init__; Keras warns that
         # their custom `compile()` is not re-run from the compile config.
-        warnings.filterwarnings("ignore", message=".*compile\\(\\)` was not called")
+        warnings.filterwarnings(
+            "ignore", message=".*compile\\(\\)` was not called"
+        )
         clone = keras.saving.deserialize_keras_object(serialized)
         if not clone.built and model.built:
             build_config = model.get_build_config()
@@ -139,8 +150,9 @@ def clone_model_sharing_variables(model, values=None, config_transform=None):
     if created:
         raise ValueError(
             "Cannot clone the model without copying: rebuilding it from its "
-            f"config creates variables it does not have: {created[:10]}. "
-            "Use `inplace=True`."
+            f"config creates variables it does not have: {created[:10]} "
+            "(e.g. a layer shared by two nested models, which a config "
+            f"rebuild duplicates). {hint}"
         )
     if preprocessor is not None and "preprocessor" in serialized["config"]:
         with _keras_private.unlocked(clone):

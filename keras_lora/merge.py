@@ -6,6 +6,15 @@ from keras_lora.apply import lora_layers
 from keras_lora.clone import clone_model_sharing_variables
 from keras_lora.layers.base import LORA_CONFIG_KEYS
 
+_IN_PLACE_HINT = (
+    "Use `keras_lora.merge_adapters(model)` to fold the adapters into the "
+    "model in place instead."
+)
+_UNLOAD_HINT = (
+    "The model `apply_lora` was given shares the base weights (use it), or "
+    "undo in-place merges with `keras_lora.unmerge_adapters(model)`."
+)
+
 
 def _plain_configs(serialized):
     """Rewrites every serialized keras_lora layer as its base Keras layer."""
@@ -86,7 +95,10 @@ def merge(model):
         for name, value in layer.merged_values().items():
             values[base[name].path] = value
     return clone_model_sharing_variables(
-        model, values=values, config_transform=_plain_configs
+        model,
+        values=values,
+        config_transform=_plain_configs,
+        hint=_IN_PLACE_HINT,
     )
 
 
@@ -104,7 +116,7 @@ def unload(model):
             for name, variable in layer.base_weights().items():
                 values[variable.path] = layer._original_value(name)
     return clone_model_sharing_variables(
-        model, values=values, config_transform=_plain_configs
+        model, values=values, config_transform=_plain_configs, hint=_UNLOAD_HINT
     )
 
 

@@ -65,7 +65,10 @@ def lora_summary(model, print_fn=None):
     report = lora_report(model)
     table = Table(title=f'LoRA adapters of "{model.name}"')
     for column in ("Layer path", "Class", "rank", "alpha", "scaling", "Params"):
-        table.add_column(column, justify="left" if column in ("Layer path", "Class") else "right")
+        table.add_column(
+            column,
+            justify="left" if column in ("Layer path", "Class") else "right",
+        )
     for row in report["layers"]:
         table.add_row(
             row["path"],

@@ -1,0 +1,224 @@
+"""Regression tests for bugs found by attacking apply_lora / merge / unload.
+
+Each test's docstring says what broke before the fix.
+"""
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+from conftest import to_numpy
+
+import keras_lora as kl
+
+
+def _randomize(model, seed=0, scale=0.1):
+    rng = np.random.default_rng(seed)
+    for layer in kl.lora_layers(model).values():
+        for variable in layer.adapter_weights().values():
+            variable.assign(
+                rng.normal(size=variable.shape, scale=scale).astype("float32")
+            )
+
+
+def _conv_bn_model():
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Dropout(0.5, name="drop")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(2, name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_fit_does_not_update_frozen_batchnorm_statistics(rng):
+    """Broke: apply_lora froze only the variables of a BatchNormalization
+    layer, so `fit` ran it in training mode and rewrote its moving mean and
+    variance, which are shared with the user's original model (whose
+    outputs then changed). Frozen layers now get `trainable=False`, and a
+    frozen BatchNormalization runs in inference mode, as in Keras."""
+    model = _conv_bn_model()
+    x = rng.normal(size=(4, 6, 6, 3)).astype("float32")
+    y = rng.normal(size=(4, 2)).astype("float32")
+    before_model = to_numpy(model(x))
+    stats = [to_numpy(v).copy() for v in model.get_layer("bn").weights]
+    lora = kl.apply_lora(model, rank=2, targets=["conv", "head"])
+    lora.compile(keras.optimizers.Adam(1e-2), "mse")
+    lora.fit(x, y, epochs=2, batch_size=2, verbose=0)
+    for before, variable in zip(
+        stats, model.get_layer("bn").weights, strict=True
+    ):
+        np.testing.assert_array_equal(to_numpy(variable), before)
+    np.testing.assert_array_equal(to_numpy(model(x)), before_model)
+    assert sorted(v.path for v in lora.trainable_weights) == [
+        "conv/lora_a",
+        "conv/lora_b",
+        "head/lora_a",
+        "head/lora_b",
+    ]
+
+
+def test_frozen_layers_stay_frozen_after_keras_reload(tmp_path, rng):
+    """Broke: a layer apply_lora did not adapt (here a Conv1D) was frozen by
+    variable flags only; after `.keras` save + `load_model` its kernel and
+    bias were trainable again, so resumed training updated base weights."""
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(8, name="d1")(inputs)
+    x = keras.layers.Reshape((8, 1))(x)
+    x = keras.layers.Conv1D(3, 1, name="conv1d")(x)
+    outputs = keras.layers.Dense(2, name="d2")(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, outputs)
+    lora = kl.apply_lora(model, rank=2, targets=["d1", "d2"])
+    _randomize(lora)
+    x = rng.normal(size=(2, 4)).astype("float32")
+    expected = to_numpy(lora(x))
+    path = tmp_path / "lora.keras"
+    lora.save(path)
+    reloaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(to_numpy(reloaded(x)), expected)
+    trainable = sorted(v.path for v in reloaded.trainable_weights)
+    assert trainable == sorted(v.path for v in lora.trainable_weights)
+    assert "conv1d/kernel" not in trainable
+    kernel = to_numpy(reloaded.get_layer("conv1d").kernel).copy()
+    reloaded.compile(keras.optimizers.Adam(1e-2), "mse")
+    reloaded.fit(x, np.ones((2, 2), "float32"), verbose=0)
+    np.testing.assert_array_equal(
+        to_numpy(reloaded.get_layer("conv1d").kernel), kernel
+    )
+
+
+def test_trainable_layers_head_stays_trainable_after_freezing_fix(rng):
+    """Guards the BatchNormalization fix: a layer named in
+    `trainable_layers` must not be switched to `trainable=False`."""
+    model = _conv_bn_model()
+    lora = kl.apply_lora(
+        model, rank=2, targets=["conv"], trainable_layers=["head", "bn"]
+    )
+    assert lora.get_layer("head").trainable
+    assert lora.get_layer("bn").trainable
+    paths = {v.path for v in lora.trainable_weights}
+    assert {"head/kernel", "head/bias", "bn/gamma", "bn/beta"} <= paths
+
+
+def _tiny_bert_with_preprocessor():
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += "the quick brown fox jumps over lazy dog some text".split()
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocab, lowercase=True)
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        tokenizer, sequence_length=8
+    )
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocab),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+    )
+    return keras_hub.models.BertTextClassifier(
+        backbone, num_classes=2, preprocessor=preprocessor, dropout=0.0
+    )
+
+
+def test_keras_hub_lora_model_save_refuses_instead_of_unloadable_file(
+    tmp_path,
+):
+    """Broke: `.keras` save of a keras-hub task after apply_lora succeeded,
+    but `load_model` failed ("Layer 'query' expected 2 variables, but
+    received 0"): the LoRA attention projections are built inside
+    TransformerEncoder and are not in the config. Saving now raises a clear
+    error pointing to save_adapters / merge; the merged model still saves,
+    reloads and predicts on raw strings with the same preprocessor."""
+    classifier = _tiny_bert_with_preprocessor()
+    texts = ["some text", "the lazy dog"]
+    features = classifier.preprocessor(texts)
+    before = to_numpy(classifier(features))
+    lora = kl.apply_lora(classifier, rank=2)
+    assert lora.preprocessor is classifier.preprocessor
+    np.testing.assert_array_equal(to_numpy(lora(features)), before)
+    _randomize(lora)
+    expected = to_numpy(lora(features))
+    with pytest.raises(ValueError, match="save_adapters"):
+        lora.save(tmp_path / "lora.keras")
+    merged = kl.merge(lora)
+    assert merged.preprocessor is classifier.preprocessor
+    np.testing.assert_allclose(to_numpy(merged(features)), expected, atol=1e-5)
+    merged.save(tmp_path / "merged.keras")
+    reloaded = keras.saving.load_model(tmp_path / "merged.keras")
+    np.testing.assert_allclose(
+        reloaded.predict(texts, verbose=0), expected, atol=1e-5
+    )
+
+
+def _shared_across_nested_models():
+    shared = keras.layers.Dense(4, name="shared")
+    inner_in = keras.Input((4,))
+    first = keras.Model(inner_in, shared(inner_in), name="first")
+    second_in = keras.Input((4,))
+    second_out = keras.layers.Dense(4, name="d2")(shared(second_in))
+    second = keras.Model(second_in, second_out, name="second")
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, second(first(inputs)), name="outer")
+
+
+def test_uncloneable_model_errors_name_the_right_remedy(rng):
+    """Broke: a layer shared by two nested models cannot be cloned from
+    config (the rebuild duplicates it); `merge` then told the user to "Use
+    `inplace=True`", an argument `merge` does not have. The message now
+    says why and names `merge_adapters`; `apply_lora(inplace=True)` works
+    on such a model and in-place merging is exact."""
+    model = _shared_across_nested_models()
+    x = rng.normal(size=(2, 4)).astype("float32")
+    before = to_numpy(model(x))
+    with pytest.raises(ValueError, match="inplace=True"):
+        kl.apply_lora(model, rank=2)
+    np.testing.assert_array_equal(to_numpy(model(x)), before)
+    lora = kl.apply_lora(model, rank=2, inplace=True)
+    _randomize(lora)
+    expected = to_numpy(lora(x))
+    with pytest.raises(ValueError, match="merge_adapters") as info:
+        kl.merge(lora)
+    assert "inplace=True" not in str(info.value)
+    with pytest.raises(ValueError, match="unmerge_adapters"):
+        kl.unload(lora)
+    kl.merge_adapters(lora)
+    np.testing.assert_allclose(to_numpy(lora(x)), expected, atol=1e-5)
+
+
+def test_bytes_target_is_reported_whole():
+    """Broke: `targets=b"d1"` was iterated byte by byte and the error said
+    "Received: targets entry 100"; the bytes object is now named."""
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, name="d1")]
+    )
+    with pytest.raises(TypeError, match="b'd1'"):
+        kl.apply_lora(model, targets=b"d1")
+
+
+def test_mixed_bfloat16_apply_fit_merge_reload(tmp_path, rng):
+    """Checks (no bug found) C02 at model level: under mixed_bfloat16 the
+    adapters are float32, fit keeps outputs finite, merge keeps the
+    kernel dtype and the .keras reload keeps the policy and outputs."""
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dense(16, name="d1")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="d2")(hidden))
+    keras.config.set_dtype_policy("float32")
+    x = rng.normal(size=(4, 8)).astype("float32")
+    lora = kl.apply_lora(model, rank=2)
+    for layer in kl.lora_layers(lora).values():
+        assert layer.lora_a.dtype == "float32"
+        assert layer.dtype_policy.name == "mixed_bfloat16"
+    lora.compile(keras.optimizers.Adam(1e-2), "mse")
+    lora.fit(x, np.ones((4, 4), "float32"), epochs=2, verbose=0)
+    out = to_numpy(lora(x)).astype("float32")
+    assert np.isfinite(out).all()
+    merged = kl.merge(lora)
+    assert merged.get_layer("d1").kernel.dtype == "float32"
+    np.testing.assert_allclose(
+        to_numpy(merged(x)).astype("float32"), out, atol=5e-2
+    )
+    lora.save(tmp_path / "bf16.keras")
+    reloaded = keras.saving.load_model(tmp_path / "bf16.keras")
+    assert reloaded.get_layer("d1").dtype_policy.name == "mixed_bfloat16"
+    np.testing.assert_array_equal(to_numpy(reloaded(x)).astype("float32"), out)
