@@ -1,0 +1,221 @@
+"""NumPy oracles for the keras_lora layers.
+
+Every function here is written from the math alone (Hu et al. 2021,
+"LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685,
+eq. 3, in Keras's `y = x @ W` orientation; rsLoRA scaling from Kalajdzievski
+2023, arXiv:2312.03732), in float64 NumPy, without Keras. The tests compare
+the layers (merged and unmerged) against these.
+"""
+
+import math
+
+import numpy as np
+
+ACTIVATIONS = {
+    None: lambda x: x,
+    "linear": lambda x: x,
+    "relu": lambda x: np.maximum(x, 0.0),
+    "tanh": np.tanh,
+    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+}
+
+
+def scaling(rank, alpha=None, use_rslora=False):
+    """`alpha / rank` (or `alpha / sqrt(rank)`, rsLoRA); None alpha = rank."""
+    alpha = rank if alpha is None else alpha
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def f64(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+# -- Dense ------------------------------------------------------------------
+
+
+def dense(x, kernel, bias=None, a=None, b=None, s=1.0, activation=None):
+    """`activation(x @ (W + s * A @ B) + bias)`.
+
+    Args:
+        x: (..., d_in). kernel: (d_in, d_out). bias: (d_out,) or None.
+        a: (d_in, r) or None (no adapter). b: (r, d_out). s: float.
+    """
+    w = f64(kernel)
+    if a is not None:
+        w = w + s * f64(a) @ f64(b)
+    y = f64(x) @ w
+    if bias is not None:
+        y = y + f64(bias)
+    return ACTIVATIONS[activation](y)
+
+
+# -- EinsumDense ------------------------------------------------------------
+
+
+def split_equation(equation):
+    """`(inputs, kernel, outputs)` letters of an EinsumDense equation."""
+    lhs, outputs = equation.replace(" ", "").split("->")
+    inputs, kernel = lhs.split(",")
+    return inputs, kernel, outputs
+
+
+def einsum_delta(equation, kernel_shape, a, b, s):
+    """`s * A @ B` folded into the kernel's shape.
+
+    A's rows run over the kernel's contracted axes and B's columns over its
+    output axes, each in the kernel's own axis order (PEFT's matrix view of a
+    projection weight).
+    """
+    inputs, kernel, outputs = split_equation(equation)
+    dims = dict(zip(kernel, kernel_shape, strict=True))
+    in_axes = [c for c in kernel if c in inputs and c not in outputs]
+    out_axes = [c for c in kernel if c in outputs and c not in inputs]
+    delta = s * f64(a) @ f64(b)
+    delta = delta.reshape([dims[c] for c in in_axes + out_axes])
+    # np.einsum transposes into the kernel's axis order.
+    return np.einsum(f"{''.join(in_axes + out_axes)}->{kernel}", delta)
+
+
+def einsum_dense(
+    equation, x, kernel, bias=None, a=None, b=None, s=1.0, activation=None
+):
+    """`activation(einsum(equation, x, W + s * A @ B) + bias)`."""
+    w = f64(kernel)
+    if a is not None:
+        w = w + einsum_delta(equation, w.shape, a, b, s)
+    y = np.einsum(equation, f64(x), w)
+    if bias is not None:
+        y = y + f64(bias)
+    return ACTIVATIONS[activation](y)
+
+
+# -- Conv2D -----------------------------------------------------------------
+
+
+def _pad_amounts(size, k, stride, dilation, padding):
+    if padding == "valid":
+        return 0, 0
+    effective = (k - 1) * dilation + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv2d(
+    x,
+    kernel,
+    bias=None,
+    strides=(1, 1),
+    padding="valid",
+    dilation_rate=(1, 1),
+    groups=1,
+    data_format="channels_last",
+    activation=None,
+):
+    """Direct (loop) 2-D convolution as Keras/TensorFlow define it.
+
+    Args:
+        x: (n, h, w, c) channels_last or (n, c, h, w) channels_first.
+        kernel: (kh, kw, c // groups, filters), Keras's layout.
+        padding: "valid" or "same" (TensorFlow's split: extra at the end).
+    """
+    x = f64(x)
+    if data_format == "channels_first":
+        x = x.transpose(0, 2, 3, 1)
+    w = f64(kernel)
+    kh, kw, cg, filters = w.shape
+    sh, sw = strides
+    dh, dw = dilation_rate
+    n, h, wd, c = x.shape
+    ph = _pad_amounts(h, kh, sh, dh, padding)
+    pw = _pad_amounts(wd, kw, sw, dw, padding)
+    x = np.pad(x, ((0, 0), ph, pw, (0, 0)))
+    oh = (x.shape[1] - ((kh - 1) * dh + 1)) // sh + 1
+    ow = (x.shape[2] - ((kw - 1) * dw + 1)) // sw + 1
+    fg = filters // groups
+    y = np.zeros((n, oh, ow, filters))
+    for g in range(groups):
+        xg = x[..., g * cg : (g + 1) * cg]
+        wg = w[..., g * fg : (g + 1) * fg]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xg[
+                    :,
+                    i * dh : i * dh + (oh - 1) * sh + 1 : sh,
+                    j * dw : j * dw + (ow - 1) * sw + 1 : sw,
+                    :,
+                ]
+                y[..., g * fg : (g + 1) * fg] += patch @ wg[i, j]
+    if bias is not None:
+        y = y + f64(bias)
+    y = ACTIVATIONS[activation](y)
+    if data_format == "channels_first":
+        y = y.transpose(0, 3, 1, 2)
+    return y
+
+
+def conv_delta(a, b, s):
+    """`s * tensordot(A, B)`: (kh, kw, c/g, r) x (r, filters) -> kernel."""
+    return s * np.tensordot(f64(a), f64(b), axes=1)
+
+
+def lora_conv2d(x, kernel, bias, a, b, s, **conv_kwargs):
+    """PEFT's conv LoRA, computed unmerged: conv(x, W) + s*conv1x1(conv(x,A),B).
+
+    A is applied as a convolution (one copy per group) into r channels per
+    group, B as a 1x1 (grouped) convolution from r to filters per group; the
+    result is computed without ever forming the merged kernel, so it checks
+    that merged == unmerged independently of the layer's code.
+    """
+    groups = conv_kwargs.get("groups", 1)
+    data_format = conv_kwargs.get("data_format", "channels_last")
+    base = conv2d(x, kernel, bias, **conv_kwargs)
+    a = f64(a)
+    r = a.shape[-1]
+    a_tiled = np.concatenate([a] * groups, axis=-1)
+    h = conv2d(x, a_tiled, None, **conv_kwargs)
+    b = f64(b).reshape(1, 1, r, -1)
+    up = conv2d(h, b, None, groups=groups, data_format=data_format)
+    return base + s * up
+
+
+# -- Embedding --------------------------------------------------------------
+
+
+def embedding(ids, table, a=None, b=None, s=1.0):
+    """`E[ids] + s * A[ids] @ B`."""
+    e = f64(table)
+    if a is not None:
+        e = e + s * f64(a) @ f64(b)
+    return e[np.asarray(ids)]
+
+
+def reverse_embedding(
+    x,
+    table=None,
+    a=None,
+    b=None,
+    s=1.0,
+    reverse_table=None,
+    reverse_a=None,
+    reverse_b=None,
+    logit_soft_cap=None,
+):
+    """Logits of a reversible embedding with LoRA.
+
+    Tied (`reverse_table` None): `x @ (E + s * A @ B).T`.
+    Untied: `x @ (R + s * A_r @ B_r)` with R (output_dim, input_dim).
+    """
+    if reverse_table is None:
+        e = f64(table)
+        if a is not None:
+            e = e + s * f64(a) @ f64(b)
+        kernel = e.T
+    else:
+        kernel = f64(reverse_table)
+        if reverse_a is not None:
+            kernel = kernel + s * f64(reverse_a) @ f64(reverse_b)
+    logits = f64(x) @ kernel
+    if logit_soft_cap is not None:
+        logits = np.tanh(logits / logit_soft_cap) * logit_soft_cap
+    return logits
