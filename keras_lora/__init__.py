@@ -1,4 +1,4 @@
-"""keras_lora: LoRA (low-rank adaptation) for Keras 3 on TensorFlow, JAX and PyTorch."""
+"""keras_lora: LoRA (low-rank adaptation) for Keras 3 on every backend."""
 
 from keras_lora.adapters import load_adapters
 from keras_lora.adapters import save_adapters

@@ -6,10 +6,10 @@ if a Keras release moves one, only this module changes.
 
 # Attaches a mask to an eager tensor or KerasTensor, as Keras's own
 # ReversibleEmbedding does in `call` (its `compute_mask` returns None).
-from keras.src.backend import set_keras_mask  # noqa: F401
-
 import contextlib
 import inspect
+
+from keras.src.backend import set_keras_mask  # noqa: F401
 
 # The name-scope path Keras gives a variable created now (`Variable.path`).
 from keras.src.backend.common.name_scope import current_path  # noqa: F401

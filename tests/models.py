@@ -6,7 +6,7 @@ import numpy as np
 
 
 def tiny_gemma_causal_lm(num_layers=2, vocabulary_size=64):
-    """A random-initialised `keras_hub.models.GemmaCausalLM` (no preprocessor)."""
+    """A random-initialised keras-hub `GemmaCausalLM`, no preprocessor."""
     backbone = keras_hub.models.GemmaBackbone(
         vocabulary_size=vocabulary_size,
         num_layers=num_layers,
@@ -43,7 +43,9 @@ def tiny_bert_classifier(num_classes=3, vocabulary_size=40):
         max_sequence_length=16,
     )
     return keras_hub.models.BertTextClassifier(
-        backbone=backbone, num_classes=num_classes, preprocessor=None,
+        backbone=backbone,
+        num_classes=num_classes,
+        preprocessor=None,
         dropout=0.0,
     )
 

@@ -32,7 +32,8 @@ def nested_model():
     inner = keras.Model(inner_in, q + v, name="inner")
     middle_in = keras.Input((8,))
     middle = keras.Model(
-        middle_in, keras.layers.Dense(8, name="mid")(inner(middle_in)),
+        middle_in,
+        keras.layers.Dense(8, name="mid")(inner(middle_in)),
         name="middle",
     )
     outer_in = keras.Input((8,))
@@ -67,7 +68,11 @@ class Tower(keras.layers.Layer):
         return x
 
     def get_config(self):
-        return {**super().get_config(), "width": self.width, "depth": self.depth}
+        return {
+            **super().get_config(),
+            "width": self.width,
+            "depth": self.depth,
+        }
 
 
 def tower_model():
@@ -88,12 +93,15 @@ def test_sequential_stays_sequential_and_shares_weights(rng):
     assert [type(layer) for layer in model.layers] == [keras.layers.Dense] * 2
     assert [type(layer) for layer in lora.layers] == [kl.LoRADense] * 2
     # No copy: the LoRA model's base variables are the original's objects.
-    for plain, adapted in zip(model.layers, lora.layers):
+    for plain, adapted in zip(model.layers, lora.layers, strict=True):
         assert adapted.kernel is plain.kernel
         assert adapted.bias is plain.bias
     np.testing.assert_array_equal(to_numpy(lora(x)), before)
     assert sorted(w.name for w in lora.trainable_weights) == [
-        "lora_a", "lora_a", "lora_b", "lora_b"
+        "lora_a",
+        "lora_a",
+        "lora_b",
+        "lora_b",
     ]
 
 
@@ -149,10 +157,20 @@ def test_pattern_that_matches_nothing_lists_layer_paths():
     "targets, expected",
     [
         ("*/inner/*", {"middle/inner/query_proj", "middle/inner/value_proj"}),
-        (re.compile(r".*_proj"), {"middle/inner/query_proj", "middle/inner/value_proj"}),
+        (
+            re.compile(r".*_proj"),
+            {"middle/inner/query_proj", "middle/inner/value_proj"},
+        ),
         ("inner/query_proj", {"middle/inner/query_proj"}),
-        (keras.layers.Dense, {"middle/inner/query_proj", "middle/inner/value_proj",
-                              "middle/mid", "head"}),
+        (
+            keras.layers.Dense,
+            {
+                "middle/inner/query_proj",
+                "middle/inner/value_proj",
+                "middle/mid",
+                "head",
+            },
+        ),
         (lambda path, layer: layer.name == "mid", {"middle/mid"}),
     ],
 )
@@ -172,7 +190,9 @@ def test_exclude_and_rank_alpha_patterns():
     )
     layers = kl.lora_layers(lora)
     assert set(layers) == {
-        "middle/inner/query_proj", "middle/inner/value_proj", "middle/mid"
+        "middle/inner/query_proj",
+        "middle/inner/value_proj",
+        "middle/mid",
     }
     assert layers["middle/mid"].adapter_rank == 4
     assert layers["middle/mid"].adapter_alpha == 4  # alpha None -> rank
@@ -188,7 +208,11 @@ def test_exclude_and_rank_alpha_patterns():
         (dict(targets=[None]), TypeError, "targets"),
         (dict(targets=[""]), TypeError, "targets"),
         (dict(targets="nomatch"), ValueError, "'nomatch'"),
-        (dict(targets=keras.layers.LayerNormalization), ValueError, "LayerNormalization"),
+        (
+            dict(targets=keras.layers.LayerNormalization),
+            ValueError,
+            "LayerNormalization",
+        ),
         (dict(exclude=["hidden", "out"]), ValueError, "No layer left"),
         (dict(rank=0), ValueError, "rank=0"),
         (dict(rank=True), ValueError, "rank=True"),
@@ -237,7 +261,9 @@ def test_shared_layer_gets_one_adapter_used_at_every_site(rng):
     layer = kl.lora_layers(lora)["shared"]
     xa = rng.normal(size=(3, 8)).astype("float32")
     xb = rng.normal(size=(3, 8)).astype("float32")
-    w = to_numpy(layer.kernel) + layer.scaling * to_numpy(layer.lora_a) @ to_numpy(layer.lora_b)
+    w = to_numpy(layer.kernel) + layer.scaling * to_numpy(
+        layer.lora_a
+    ) @ to_numpy(layer.lora_b)
     expected = (xa @ w) - (xb @ w)  # biases cancel
     np.testing.assert_allclose(to_numpy(lora([xa, xb])), expected, atol=1e-5)
 
@@ -250,7 +276,9 @@ def test_subclassed_layer_with_attribute_and_list_sublayers(inplace, rng):
     lora = kl.apply_lora(model, rank=2, inplace=inplace)
     assert (lora is model) == inplace
     assert set(kl.lora_layers(lora)) == {
-        "tower/proj", "tower/block_0", "tower/block_1"
+        "tower/proj",
+        "tower/block_0",
+        "tower/block_1",
     }
     np.testing.assert_array_equal(to_numpy(lora(x)), before)
     tower = lora.get_layer("tower")
@@ -264,13 +292,17 @@ def _trained_paths(model, fit):
     before = weights_snapshot(model)
     fit()
     return sorted(
-        path for key, (path, value) in before.items()
-        if not np.array_equal(value, to_numpy(
-            next(v for v in model.weights if id(v) == key)))
+        path
+        for key, (path, value) in before.items()
+        if not np.array_equal(
+            value, to_numpy(next(v for v in model.weights if id(v) == key))
+        )
     )
 
 
-@pytest.mark.parametrize("factory", [tiny_gemma_causal_lm, tiny_llama3_causal_lm])
+@pytest.mark.parametrize(
+    "factory", [tiny_gemma_causal_lm, tiny_llama3_causal_lm]
+)
 def test_keras_hub_causal_lm_default_targets_fit_generate(factory):
     model = factory()
     x, y, w = causal_lm_batch()
@@ -299,12 +331,16 @@ def test_keras_hub_causal_lm_default_targets_fit_generate(factory):
         lora, lambda: lora.fit(x, y, sample_weight=w, epochs=2, verbose=0)
     )
     adapters = sorted(
-        v.path for layer in kl.lora_layers(lora).values()
+        v.path
+        for layer in kl.lora_layers(lora).values()
         for v in layer.adapter_weights().values()
     )
     assert changed == adapters
     assert np.isfinite(lora.evaluate(x, y, sample_weight=w, verbose=0))
-    prompt = {"token_ids": x["token_ids"][:1], "padding_mask": x["padding_mask"][:1]}
+    prompt = {
+        "token_ids": x["token_ids"][:1],
+        "padding_mask": x["padding_mask"][:1],
+    }
     out = lora.generate(prompt, max_length=6, stop_token_ids=None)
     assert out["token_ids"].shape == (1, 6)
 
@@ -327,7 +363,8 @@ def test_bert_classifier_with_trainable_head():
     changed = _trained_paths(lora, lambda: lora.fit(x, y, epochs=2, verbose=0))
     head = sorted(v.path for v in lora.get_layer("logits").weights)
     adapters = sorted(
-        v.path for layer in layers.values()
+        v.path
+        for layer in layers.values()
         for v in layer.adapter_weights().values()
     )
     assert changed == sorted(adapters + head)

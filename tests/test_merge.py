@@ -34,7 +34,10 @@ def _merged_kernel_oracle(layer):
 @pytest.mark.parametrize(
     "factory, targets",
     [
-        (tiny_gemma_causal_lm, ["query", "value", "token_embedding", "ffw_linear"]),
+        (
+            tiny_gemma_causal_lm,
+            ["query", "value", "token_embedding", "ffw_linear"],
+        ),
         (tiny_llama3_causal_lm, ["query", "value", "token_embedding"]),
     ],
 )
@@ -65,10 +68,13 @@ def test_causal_lm_merge_equals_unmerged_and_generates_same_tokens(
                 to_numpy(plain.kernel), _merged_kernel_oracle(layer), atol=1e-6
             )
     # The LoRA model is untouched by merging.
-    for key, (path, value) in lora_snapshot.items():
+    for key, (_, value) in lora_snapshot.items():
         variable = next(v for v in lora.weights if id(v) == key)
         np.testing.assert_array_equal(to_numpy(variable), value)
-    prompt = {"token_ids": x["token_ids"][:1], "padding_mask": x["padding_mask"][:1]}
+    prompt = {
+        "token_ids": x["token_ids"][:1],
+        "padding_mask": x["padding_mask"][:1],
+    }
     lora.compile(sampler="greedy")
     merged.compile(sampler="greedy")
     a = lora.generate(prompt, max_length=6, stop_token_ids=None)
@@ -85,7 +91,10 @@ def test_reversible_embedding_untied_has_reverse_adapter():
     assert isinstance(layer, kl.LoRAReversibleEmbedding)
     assert not layer.tie_weights
     assert set(layer.adapter_weights()) == {
-        "lora_a", "lora_b", "reverse_lora_a", "reverse_lora_b"
+        "lora_a",
+        "lora_b",
+        "reverse_lora_a",
+        "reverse_lora_b",
     }
 
 
@@ -129,12 +138,16 @@ def test_merge_adapters_in_place_round_trip_is_bit_exact(rng):
         kl.merge_adapters(lora)
     # merge() of an in-place merged model does not add the update twice.
     np.testing.assert_allclose(
-        to_numpy(kl.merge(lora).predict(x, verbose=0)), unmerged_out,
-        rtol=1e-5, atol=1e-1,
+        to_numpy(kl.merge(lora).predict(x, verbose=0)),
+        unmerged_out,
+        rtol=1e-5,
+        atol=1e-1,
     )
     kl.unmerge_adapters(lora)
     np.testing.assert_array_equal(to_numpy(layer.kernel), original)
-    np.testing.assert_array_equal(to_numpy(lora.predict(x, verbose=0)), unmerged_out)
+    np.testing.assert_array_equal(
+        to_numpy(lora.predict(x, verbose=0)), unmerged_out
+    )
 
 
 def test_head_survives_merge_save_and_load(tmp_path, rng):
@@ -145,16 +158,20 @@ def test_head_survives_merge_save_and_load(tmp_path, rng):
     base = keras.Model(inputs, features)
     head = keras.layers.Dense(3, name="head")(base.output)
     model = keras.Model(base.input, head)
-    lora = kl.apply_lora(model, rank=2, targets=["base"], trainable_layers=["head"])
-    assert sorted(w.path.split("/")[-2] + "/" + w.name for w in lora.trainable_weights) == [
-        "base/lora_a", "base/lora_b", "head/bias", "head/kernel"
-    ]
+    lora = kl.apply_lora(
+        model, rank=2, targets=["base"], trainable_layers=["head"]
+    )
+    assert sorted(
+        w.path.split("/")[-2] + "/" + w.name for w in lora.trainable_weights
+    ) == ["base/lora_a", "base/lora_b", "head/bias", "head/kernel"]
     head_before = to_numpy(lora.get_layer("head").kernel).copy()
     lora.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
     x = rng.normal(size=(8, 6)).astype("float32")
     y = rng.normal(size=(8, 3)).astype("float32")
     lora.fit(x, y, epochs=2, batch_size=8, verbose=0)
-    assert not np.array_equal(to_numpy(lora.get_layer("head").kernel), head_before)
+    assert not np.array_equal(
+        to_numpy(lora.get_layer("head").kernel), head_before
+    )
     merged = kl.merge(lora)
     path = str(tmp_path / "merged.keras")
     merged.save(path)
@@ -183,11 +200,14 @@ def test_merged_model_loads_without_keras_lora(tmp_path, rng):
         model = keras.saving.load_model({str(path)!r})
         assert type(model) is keras.Sequential
         x = np.load({str(tmp_path / "x.npy")!r})
-        np.save({str(tmp_path / "y.npy")!r}, keras.ops.convert_to_numpy(model(x)))
+        y = keras.ops.convert_to_numpy(model(x))
+        np.save({str(tmp_path / "y.npy")!r}, y)
         """
     )
     subprocess.run(
-        [sys.executable, "-c", script], check=True, env=dict(os.environ),
+        [sys.executable, "-c", script],
+        check=True,
+        env=dict(os.environ),
         capture_output=True,
     )
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-5)

@@ -1,4 +1,4 @@
-"""LoRA layers: Keras layers with a frozen base weight and a low-rank adapter."""
+"""LoRA layers: Keras layers with a frozen weight and a low-rank adapter."""
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.conv import LoRAConv2D

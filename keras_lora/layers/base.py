@@ -81,7 +81,8 @@ def validate_lora_args(
         )
     if not _is_real_number(dropout) or not 0.0 <= dropout < 1.0:
         raise ValueError(
-            f"`dropout` must be a float in [0, 1). Received: dropout={dropout!r}"
+            "`dropout` must be a float in [0, 1). "
+            f"Received: dropout={dropout!r}"
         )
     if not isinstance(use_rslora, bool):
         raise TypeError(
@@ -110,11 +111,14 @@ def _sharing(layer, variables):
 
 def _plain_subclass(layer_class, base_class):
     """True when `layer_class` computes exactly like `base_class`."""
-    return all(
-        getattr(layer_class, method) is getattr(base_class, method)
-        for method in ("call", "build", "get_config", "__init__")
-        if hasattr(base_class, method)
-    ) or layer_class is base_class
+    return (
+        all(
+            getattr(layer_class, method) is getattr(base_class, method)
+            for method in ("call", "build", "get_config", "__init__")
+            if hasattr(base_class, method)
+        )
+        or layer_class is base_class
+    )
 
 
 class LoRALayer:
@@ -371,9 +375,7 @@ class LoRALayer:
             raise ValueError(f"Layer '{self.name}' is already merged.")
         values = self.merged_values()
         base = self.base_weights()
-        self._unmerged_values = {
-            n: ops.copy(base[n].value) for n in values
-        }
+        self._unmerged_values = {n: ops.copy(base[n].value) for n in values}
         for name, value in values.items():
             base[name].assign(value)
         self.merged = True
@@ -425,7 +427,7 @@ class LoRALayer:
         save_error = getattr(self, "_keras_lora_save_error", None)
         if save_error:
             raise ValueError(save_error)
-        for name, variable in self.base_weights().items():
+        for name in self.base_weights():
             store[name] = self._original_value(name)
         for name, variable in self.adapter_weights().items():
             store[name] = variable

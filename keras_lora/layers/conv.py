@@ -109,8 +109,9 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
             bias_constraint=bias_constraint,
             **kwargs,
         )
-        self._init_lora(*lora[:4], lora_a_initializer, lora_b_initializer,
-                        lora[4])
+        self._init_lora(
+            *lora[:4], lora_a_initializer, lora_b_initializer, lora[4]
+        )
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -119,8 +120,9 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
     def lora_shapes(self):
         kernel_shape = tuple(self._kernel.shape)
         r = self.adapter_rank
-        return [("lora_a", "lora_b", kernel_shape[:-1] + (r,),
-                 (r, self.filters))]
+        return [
+            ("lora_a", "lora_b", kernel_shape[:-1] + (r,), (r, self.filters))
+        ]
 
     def call(self, inputs, training=None):
         outputs = self.convolution_op(inputs, self.kernel)
@@ -147,8 +149,9 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
             return ops.matmul(h, b)
         # B as a (grouped) 1x1 convolution.
         b = ops.reshape(b, (1, 1, self.adapter_rank, self.filters))
-        return ops.conv(h, b, strides=1, padding="valid",
-                        data_format=self.data_format)
+        return ops.conv(
+            h, b, strides=1, padding="valid", data_format=self.data_format
+        )
 
     def weight_deltas(self):
         delta = ops.tensordot(self.lora_a, self.lora_b, axes=1)

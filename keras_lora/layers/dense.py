@@ -125,8 +125,14 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     def lora_shapes(self):
         d_in, units = self._kernel.shape
-        return [("lora_a", "lora_b", (d_in, self.adapter_rank),
-                 (self.adapter_rank, units))]
+        return [
+            (
+                "lora_a",
+                "lora_b",
+                (d_in, self.adapter_rank),
+                (self.adapter_rank, units),
+            )
+        ]
 
     def call(self, inputs, training=None):
         x = ops.matmul(inputs, self.kernel)

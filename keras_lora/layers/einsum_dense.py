@@ -143,8 +143,9 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             bias_constraint=bias_constraint,
             **kwargs,
         )
-        self._init_lora(*lora[:4], lora_a_initializer, lora_b_initializer,
-                        lora[4])
+        self._init_lora(
+            *lora[:4], lora_a_initializer, lora_b_initializer, lora[4]
+        )
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -156,7 +157,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         )
         kernel_spec = self.equation.replace(" ", "").split("->")[0]
         kernel_spec = kernel_spec.split(",")[1]
-        shape = dict(zip(kernel_spec, self._kernel.shape))
+        shape = dict(zip(kernel_spec, self._kernel.shape, strict=True))
         self.in_dims = tuple(shape[c] for c in self.in_axes)
         self.out_dims = tuple(shape[c] for c in self.out_axes)
         order = self.in_axes + self.out_axes
@@ -165,8 +166,14 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
 
     def lora_shapes(self):
         r = self.adapter_rank
-        return [("lora_a", "lora_b", (math.prod(self.in_dims), r),
-                 (r, math.prod(self.out_dims)))]
+        return [
+            (
+                "lora_a",
+                "lora_b",
+                (math.prod(self.in_dims), r),
+                (r, math.prod(self.out_dims)),
+            )
+        ]
 
     def call(self, inputs, training=None):
         x = ops.einsum(self.equation, inputs, self.kernel)

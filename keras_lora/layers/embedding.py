@@ -48,8 +48,9 @@ class _EmbeddingLoRA(LoRALayer):
             lora_alpha=kwargs.pop("lora_alpha", None),
         )
         super().__init__(input_dim, output_dim, *args, **kwargs)
-        self._init_lora(*lora[:4], lora_a_initializer, lora_b_initializer,
-                        lora[4])
+        self._init_lora(
+            *lora[:4], lora_a_initializer, lora_b_initializer, lora[4]
+        )
 
     def build(self, input_shape=None):
         if self.built:
@@ -59,8 +60,7 @@ class _EmbeddingLoRA(LoRALayer):
 
     def lora_shapes(self):
         r = self.adapter_rank
-        return [("lora_a", "lora_b", (self.input_dim, r),
-                 (r, self.output_dim))]
+        return [("lora_a", "lora_b", (self.input_dim, r), (r, self.output_dim))]
 
     def embed(self, inputs, training):
         if inputs.dtype != "int32" and inputs.dtype != "int64":
@@ -164,8 +164,14 @@ class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
         shapes = super().lora_shapes()
         if not self.tie_weights:
             r = self.adapter_rank
-            shapes.append(("reverse_lora_a", "reverse_lora_b",
-                           (self.output_dim, r), (r, self.input_dim)))
+            shapes.append(
+                (
+                    "reverse_lora_a",
+                    "reverse_lora_b",
+                    (self.output_dim, r),
+                    (r, self.input_dim),
+                )
+            )
         return shapes
 
     def call(self, inputs, reverse=False, training=None):

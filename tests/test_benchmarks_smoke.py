@@ -1,0 +1,210 @@
+"""Smoke runs of the benchmark scripts (benchmarks/) at tiny sizes.
+
+The scripts run their real code paths (real keras-hub Gemma and BERT classes,
+random-init tiny configs) on the current backend and write JSON; these tests
+check the JSON's structure, the parameter counts against r * (d + k), and that
+every ratio is a positive finite number. No timing is asserted: the machine
+is shared and timings are noise at these sizes.
+"""
+
+import json
+import math
+import os
+import sys
+
+import keras
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import common  # noqa: E402
+from benchmarks import inference  # noqa: E402
+from benchmarks import memory  # noqa: E402
+from benchmarks import run_all  # noqa: E402
+from benchmarks import scaling  # noqa: E402
+from benchmarks import train_step  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# In this process Keras is already imported, so the scripts cannot hide a
+# GPU: on a machine with one, the smoke run uses `--device gpu`.
+DEVICE = "gpu" if common.accelerator_name() else "cpu"
+SMOKE = ["--size", "smoke", "--device", DEVICE]
+
+
+def _adapter_params(config, rank):
+    """keras_lora's adapter size on Gemma query + value: r * (d + k) each."""
+    d = config["hidden_dim"]
+    k_query = config["num_query_heads"] * config["head_dim"]
+    k_value = config["num_key_value_heads"] * config["head_dim"]
+    return config["num_layers"] * rank * ((d + k_query) + (d + k_value))
+
+
+def _positive_finite(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Runs the four benchmarks once, in-process, into one directory."""
+    out = str(tmp_path_factory.mktemp("bench"))
+    returned = {
+        "train_step": train_step.main(SMOKE + ["--out", out]),
+        "inference": inference.main(SMOKE + ["--out", out]),
+        "memory": memory.main(SMOKE + ["--out", out]),
+        "scaling": scaling.main(SMOKE + ["--out", out]),
+    }
+    backend = keras.backend.backend()
+    on_disk = {}
+    for name in returned:
+        with open(os.path.join(out, f"{name}_{backend}_{DEVICE}.json")) as f:
+            on_disk[name] = json.load(f)
+    return out, returned, on_disk
+
+
+def test_json_has_machine_and_matches_returned(results):
+    _, returned, on_disk = results
+    for name, result in on_disk.items():
+        assert result["benchmark"] == name
+        assert result["size"] == "smoke"
+        machine = result["machine"]
+        assert machine["backend"] == keras.backend.backend()
+        assert machine["device"] == DEVICE
+        assert (machine["accelerator"] is None) == (DEVICE == "cpu")
+        assert machine["cpu_model"]
+        assert machine["usable_cpus"] >= 1
+        assert machine["keras"] == keras.__version__
+        assert json.loads(json.dumps(returned[name], sort_keys=True)) == result
+
+
+def test_train_step_structure_and_counts(results):
+    _, _, on_disk = results
+    rows = on_disk["train_step"]["results"]
+    assert [r["model"] for r in rows] == ["gemma_smoke"]
+    for row in rows:
+        variants = row["variants"]
+        assert set(variants) == set(common.VARIANTS)
+        for stats in variants.values():
+            assert stats["n"] == row["steps"] == len(stats["times_s"])
+            assert all(_positive_finite(t) for t in stats["times_s"])
+            assert stats["min_s"] <= stats["median_s"] <= stats["max_s"]
+        # Same layers adapted by keras_lora and the built-in LoRA.
+        assert variants["keras_lora"]["adapted_layers"] > 0
+        assert (
+            variants["keras_lora"]["adapted_layers"]
+            == variants["builtin"]["adapted_layers"]
+        )
+        # keras_lora's (d_in x r, r x d_out) factors are smaller than Keras's
+        # last-axis factorization, and both far smaller than the model.
+        lora = variants["keras_lora"]["trainable_params"]
+        assert 0 < lora < variants["builtin"]["trainable_params"]
+        assert (
+            variants["builtin"]["trainable_params"]
+            < (variants["full"]["trainable_params"])
+        )
+        assert (
+            variants["full"]["trainable_params"]
+            == (variants["full"]["total_params"])
+        )
+        for stats in row["ratios"].values():
+            for key in ("median", "of_medians", "min", "max"):
+                assert _positive_finite(stats[key])
+        assert set(row["meets_targets"]) == {
+            "keras_lora/full<=0.65",
+            "keras_lora/builtin<=0.95",
+        }
+    gemma = rows[0]["variants"]
+    config = common.GEMMA_CONFIGS["gemma_smoke"]
+    expected = _adapter_params(config, rows[0]["rank"])
+    assert gemma["keras_lora"]["trainable_params"] == expected
+    # The floor trains only the RMSNorm scales: 2 per block + the final one.
+    hidden = config["hidden_dim"]
+    floor = gemma["floor"]["trainable_params"]
+    assert floor == hidden * (2 * config["num_layers"] + 1)
+
+
+def test_inference_merged_equals_unmerged(results):
+    """On the BERT code path (the one the real MiniLM weights take)."""
+    _, _, on_disk = results
+    (row,) = on_disk["inference"]["results"]
+    assert row["model"] == "bert_smoke"
+    assert set(row["variants"]) == {"base", "keras_lora", "merged", "builtin"}
+    assert set(row["ratios"]) == {
+        "merged/base",
+        "keras_lora/base",
+        "builtin/base",
+    }
+    for stats in row["ratios"].values():
+        assert _positive_finite(stats["median"])
+    # The adapters are non-zero, so this checks merge against the LoRA path.
+    assert row["merged_vs_unmerged_max_abs_diff"] < 1e-4
+
+
+def test_memory_shares_base_weights(results):
+    _, _, on_disk = results
+    (row,) = on_disk["memory"]["results"]
+    config = common.GEMMA_CONFIGS["gemma_smoke"]
+    adapter_params = _adapter_params(config, row["rank"])
+    assert row["adapter_bytes"] == 4 * adapter_params
+    # apply_lora's clone creates no variable but the adapters.
+    assert row["non_adapter_variables_created_bytes"] == 0
+    assert row["weights_bytes"] == 4 * row["total_params"]
+    assert row["trainable_params"]["keras_lora"] == adapter_params
+    assert (
+        adapter_params
+        < row["trainable_params"]["builtin"]
+        < row["trainable_params"]["full"]
+    )
+    assert row["adapted_layers"] == 2 * config["num_layers"]
+    assert row["adapter_file_bytes"] > row["adapter_bytes"]
+    assert row["model_file_bytes"] > row["weights_bytes"]
+    assert _positive_finite(row["file_ratio"])
+    assert row["rss_peak_during_apply_mib"] >= row["rss_before_apply_mib"] > 0
+    assert isinstance(row["meets_target"], bool)
+
+
+def test_scaling_counts_grow_with_rank(results):
+    _, _, on_disk = results
+    sweep = on_disk["scaling"]["rank_sweep"]
+    config = common.GEMMA_CONFIGS[sweep["model"]]
+    ranks = [row["rank"] for row in sweep["rows"]]
+    assert ranks == scaling.SIZES["smoke"]["ranks"]
+    for row in sweep["rows"]:
+        assert row["adapter_params"] == _adapter_params(config, row["rank"])
+        assert row["training_state_bytes"] == 16 * row["adapter_params"]
+        assert _positive_finite(row["median_s"])
+        assert _positive_finite(row["vs_first_rank"])
+    assert sweep["rows"][0]["vs_first_rank"] == 1.0
+    seq = on_disk["scaling"]["seq_sweep"]
+    assert [r["seq_len"] for r in seq["rows"]] == scaling.SIZES["smoke"][
+        "seq_lens"
+    ]
+    for row in seq["rows"]:
+        assert _positive_finite(row["keras_lora/full"]["median"])
+        assert _positive_finite(row["keras_lora"]["median_s"])
+
+
+def test_run_all_summarises_the_json(results, tmp_path):
+    out, _, _ = results
+    backend = keras.backend.backend()
+    table = tmp_path / "table.md"
+    code = run_all.main(
+        ["--summary-only", "--out", out, "--backends", backend]
+        + ["--device", DEVICE]
+        + ["--markdown", str(table)]
+    )
+    assert code == 0
+    lines = table.read_text().splitlines()
+    assert lines[0].startswith("| backend | model |")
+    # The gemma_smoke train-step row and the memory row.
+    assert len(lines) == 2 + 2
+    assert all(line.startswith(f"| {backend} |") for line in lines[2:])
+
+
+def test_unknown_model_and_device_are_refused():
+    with pytest.raises(ValueError, match="gemma_huge"):
+        common.model_family("gemma_huge")
+    with pytest.raises(ValueError, match="tpu"):
+        common.setup_device("tpu")
