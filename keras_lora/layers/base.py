@@ -257,9 +257,19 @@ class LoRALayer:
     # -- Forward helpers ----------------------------------------------------
 
     def adapter_factors(self, a_name="lora_a", b_name="lora_b"):
-        """A and B in the compute dtype (they are stored as float32)."""
-        a = ops.cast(getattr(self, a_name), self.compute_dtype)
-        b = ops.cast(getattr(self, b_name), self.compute_dtype)
+        """A and `s * B` in the compute dtype (both are stored as float32).
+
+        The scaling is folded into the small (r, d_out) factor, in float32
+        before the cast, rather than applied to the (tokens, r) activations;
+        with s = 1 and a float32 compute dtype no extra op is added at all.
+        """
+        a = getattr(self, a_name)
+        b = getattr(self, b_name)
+        if self.scaling != 1:
+            b = ops.multiply(b, self.scaling)
+        if self.compute_dtype != "float32":
+            a = ops.cast(a, self.compute_dtype)
+            b = ops.cast(b, self.compute_dtype)
         return a, b
 
     def lora_dropout(self, inputs, training=None, noise_shape=None):

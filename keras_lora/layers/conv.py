@@ -144,7 +144,6 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
             # One copy of A per group: a grouped conv into groups * rank.
             a = ops.tile(a, (1, 1, 1, self.groups))
         h = self.convolution_op(self.lora_dropout(inputs, training), a)
-        h = ops.multiply(h, self.scaling)
         if self.groups == 1 and self.data_format == "channels_last":
             return ops.matmul(h, b)
         # B as a (grouped) 1x1 convolution.

@@ -142,7 +142,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         elif self.lora_active():
             a, b = self.adapter_factors()
             h = ops.matmul(self.lora_dropout(inputs, training), a)
-            x = ops.add(x, ops.matmul(ops.multiply(h, self.scaling), b))
+            x = ops.add(x, ops.matmul(h, b))
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:

@@ -187,7 +187,6 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             h = ops.einsum(
                 self.equation_a, self.lora_dropout(inputs, training), a
             )
-            h = ops.multiply(h, self.scaling)
             x = ops.add(x, ops.einsum(self.equation_b, h, b))
         if self.bias is not None:
             x = ops.add(x, self.bias)

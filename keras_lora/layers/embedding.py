@@ -18,7 +18,7 @@ def _lookup_delta(layer, ids, training):
     h = ops.take(a, ids, axis=0)
     noise_shape = tuple(ops.shape(h)[:-1]) + (1,)
     h = layer.lora_dropout(h, training, noise_shape=noise_shape)
-    return ops.matmul(ops.multiply(h, layer.scaling), b)
+    return ops.matmul(h, b)
 
 
 class _EmbeddingLoRA(LoRALayer):
@@ -210,7 +210,7 @@ class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
         a = ops.cast(a, x.dtype)
         b = ops.cast(b, x.dtype)
         h = ops.matmul(self.lora_dropout(x, training), a)
-        return ops.matmul(ops.multiply(h, self.scaling), b)
+        return ops.matmul(h, b)
 
     def weight_deltas(self):
         deltas = super().weight_deltas()
