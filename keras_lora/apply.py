@@ -269,10 +269,9 @@ def convert_layer(layer, lora_class, **lora_args):
     parent = layer.path.rpartition("/")[0] or None
     layer.__class__ = lora_class
     try:
-        a_init = lora_args.get("lora_a_initializer") or (
-            "normal" if issubclass(lora_class, LoRAEmbedding) else "he_uniform"
-        )
-        b_init = lora_args.get("lora_b_initializer") or "zeros"
+        defaults = lora_class.default_initializers()
+        a_init = lora_args.get("lora_a_initializer") or defaults[0]
+        b_init = lora_args.get("lora_b_initializer") or defaults[1]
         with _keras_private.unlocked(layer):
             layer._init_lora(
                 rank, alpha, dropout, use_rslora, a_init, b_init, train_bias

@@ -421,3 +421,22 @@ def test_summary_counts(capsys):
     assert report["trainable_params"] == 24
     assert report["total_params"] == 4 * 8 + 8 + 24
     assert report["trainable_percent"] == pytest.approx(100 * 24 / 64)
+
+
+def test_converted_layers_use_their_constructors_default_initializers():
+    """apply_lora builds adapters with the same default initializers as the
+    layer constructors (it once gave ReversibleEmbedding he_uniform for A)."""
+    lora = kl.apply_lora(
+        tiny_gemma_causal_lm(), rank=2, targets=["token_embedding", "query"]
+    )
+    for layer in kl.lora_layers(lora).values():
+        a_default, b_default = type(layer).default_initializers()
+        config = layer.get_config()
+        assert config["lora_a_initializer"] == keras.initializers.serialize(
+            keras.initializers.get(a_default)
+        )
+        assert config["lora_b_initializer"] == keras.initializers.serialize(
+            keras.initializers.get(b_default)
+        )
+    kinds = {type(layer) for layer in kl.lora_layers(lora).values()}
+    assert kinds == {kl.LoRAReversibleEmbedding, kl.LoRAEinsumDense}

@@ -10,6 +10,7 @@ with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732).
 
 import contextlib
 import contextvars
+import inspect
 import math
 import numbers
 import warnings
@@ -175,6 +176,16 @@ class LoRALayer:
             variable.trainable = (
                 name == "bias" and self.train_bias and self.trainable
             )
+
+    @classmethod
+    def default_initializers(cls):
+        """`(lora_a_initializer, lora_b_initializer)` defaults of `cls`'s
+        constructor, for code that builds the adapter without calling it."""
+        parameters = inspect.signature(cls.__init__).parameters
+        return tuple(
+            parameters[name].default
+            for name in ("lora_a_initializer", "lora_b_initializer")
+        )
 
     @property
     def scaling(self):
