@@ -91,6 +91,42 @@ BERT_CONFIGS = {
 VARIANTS = ("keras_lora", "builtin", "full", "floor")
 TARGETS = ["query", "value"]
 
+#: Target layer names per target set and model family. `qv` is keras-hub's
+#: `enable_lora` default (attention query and value); `all_linear` is every
+#: projection of the transformer blocks, PEFT's `target_modules="all-linear"`.
+TARGET_SETS = {
+    "qv": {"bert": TARGETS, "gemma": TARGETS},
+    "all_linear": {
+        "bert": [
+            "query",
+            "key",
+            "value",
+            "attention_output",
+            "feedforward_intermediate_dense",
+            "feedforward_output_dense",
+        ],
+        "gemma": [
+            "query",
+            "key",
+            "value",
+            "attention_output",
+            "ffw_gating",
+            "ffw_gating_2",
+            "ffw_linear",
+        ],
+    },
+}
+
+
+def target_names(name, targets="qv"):
+    """The layer names adapted in model `name` for the target set."""
+    if targets not in TARGET_SETS:
+        raise ValueError(
+            f"`targets` must be one of {sorted(TARGET_SETS)}. "
+            f"Received: targets={targets!r}"
+        )
+    return TARGET_SETS[targets][model_family(name)]
+
 
 # -- Device and machine -------------------------------------------------------
 
@@ -306,14 +342,19 @@ def build_backbone(name, seed=0, dtype="float32"):
     return keras_hub.models.GemmaBackbone(**config, dtype=dtype)
 
 
-def adapt(backbone, variant, rank):
-    """Turns a fresh backbone into `variant`; returns the backbone to use."""
+def adapt(backbone, variant, rank, targets=None):
+    """Turns a fresh backbone into `variant`; returns the backbone to use.
+
+    `targets` (a list of layer names, default `TARGETS`) are the layers the
+    two LoRA variants adapt.
+    """
     import keras_lora
 
+    targets = list(targets or TARGETS)
     if variant == "keras_lora":
-        return keras_lora.apply_lora(backbone, rank=rank, targets=TARGETS)
+        return keras_lora.apply_lora(backbone, rank=rank, targets=targets)
     if variant == "builtin":
-        backbone.enable_lora(rank)
+        backbone.enable_lora(rank, target_layer_names=targets)
         return backbone
     if variant in ("full", "base"):
         return backbone
@@ -347,7 +388,7 @@ def adapted_paths(backbone, variant):
     return []
 
 
-def task_model(name, backbone, learning_rate=1e-4):
+def task_model(name, backbone, learning_rate=1e-4, jit_compile="auto"):
     """Wraps a backbone in a compiled model with a loss, ready to train.
 
     BERT: the `sequence_output`, mean squared error against fixed targets.
@@ -362,13 +403,14 @@ def task_model(name, backbone, learning_rate=1e-4):
         model = keras.Model(
             backbone.input, backbone.output["sequence_output"], name="bert_mse"
         )
-        model.compile(optimizer=optimizer, loss="mse")
+        model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
         return model
     model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=[],
+        jit_compile=jit_compile,
     )
     return model
 
@@ -394,11 +436,25 @@ def make_batch(name, backbone, batch_size, seq_len, seed=0):
     return x, y
 
 
-def build_variant(name, variant, rank, seed=0, learning_rate=1e-4):
-    """A fresh compiled task model for one variant, and facts about it."""
-    log(f"building {name} / {variant} (rank {rank})")
-    backbone = adapt(build_backbone(name, seed), variant, rank)
-    model = task_model(name, backbone, learning_rate)
+def build_variant(
+    name,
+    variant,
+    rank,
+    seed=0,
+    learning_rate=1e-4,
+    targets="qv",
+    jit_compile="auto",
+):
+    """A fresh compiled task model for one variant, and facts about it.
+
+    `targets` names a target set of `TARGET_SETS`; `jit_compile` is passed
+    to `model.compile` (`"auto"`: Keras's default).
+    """
+    log(f"building {name} / {variant} (rank {rank}, targets {targets})")
+    backbone = adapt(
+        build_backbone(name, seed), variant, rank, target_names(name, targets)
+    )
+    model = task_model(name, backbone, learning_rate, jit_compile)
     facts = {
         "trainable_params": count_params(model.trainable_weights),
         "total_params": count_params(model.weights),

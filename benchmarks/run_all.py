@@ -68,11 +68,15 @@ def summary_rows(out, backends, device):
         }
         for row in (train or {}).get("results", []):
             ratios = row["ratios"]
-            inf = infer_by_model.get(row["model"])
+            inf = (
+                infer_by_model.get(row["model"])
+                if row.get("targets", "qv") == "qv"
+                else None
+            )
             rows.append(
                 [
                     backend,
-                    row["model"],
+                    f"{row['model']} ({row.get('targets', 'qv')})",
                     f"{row['batch_size']}x{row['seq_len']}",
                     f"{row['variants']['full']['median_s']:.3f}",
                     f"{row['variants']['builtin']['median_s']:.3f}",

@@ -16,20 +16,27 @@ Usage (one backend per process; `benchmarks.run_all` loops the backends):
 
 from benchmarks import common
 
-#: Per size: the models as (name, batch, sequence length), rank, warm-up
-#: steps and timed rounds.
+#: Per size: the models as (name, batch, sequence length, target set), rank,
+#: warm-up steps and timed rounds. Target sets (`common.TARGET_SETS`): `qv`
+#: = attention query + value (keras-hub's default), `all_linear` = every
+#: projection of the blocks.
 SIZES = {
     "smoke": dict(
-        models=[("gemma_smoke", 2, 8)],
+        models=[
+            ("gemma_smoke", 2, 8, "qv"),
+            ("bert_smoke", 2, 8, "all_linear"),
+        ],
         rank=4,
         warmup=1,
         steps=2,
     ),
     "quick": dict(
         models=[
-            ("minilm", 16, 128),
-            ("gemma_tiny", 8, 128),
-            ("gemma_mid", 4, 128),
+            ("minilm", 16, 128, "qv"),
+            ("minilm", 16, 128, "all_linear"),
+            ("gemma_tiny", 8, 128, "qv"),
+            ("gemma_mid", 4, 128, "qv"),
+            ("gemma_mid", 4, 128, "all_linear"),
         ],
         rank=8,
         warmup=1,
@@ -37,9 +44,11 @@ SIZES = {
     ),
     "full": dict(
         models=[
-            ("minilm", 16, 128),
-            ("gemma_tiny", 8, 128),
-            ("gemma_mid", 8, 128),
+            ("minilm", 16, 128, "qv"),
+            ("minilm", 16, 128, "all_linear"),
+            ("gemma_tiny", 8, 128, "qv"),
+            ("gemma_mid", 8, 128, "qv"),
+            ("gemma_mid", 8, 128, "all_linear"),
         ],
         rank=8,
         warmup=2,
@@ -51,13 +60,22 @@ TARGET_VS_FULL = 0.65
 TARGET_VS_BUILTIN = 0.95
 
 
-def bench_model(name, batch_size, seq_len, rank, warmup, steps):
-    """Times the three variants of one model; returns its result dict."""
+def bench_model(
+    name,
+    batch_size,
+    seq_len,
+    rank,
+    warmup,
+    steps,
+    targets="qv",
+    jit_compile="auto",
+):
+    """Times the variants of one model; returns its result dict."""
     models, facts = {}, {}
     backbone = None
     for variant in common.VARIANTS:
         models[variant], backbone, facts[variant] = common.build_variant(
-            name, variant, rank
+            name, variant, rank, targets=targets, jit_compile=jit_compile
         )
     x, y = common.make_batch(name, backbone, batch_size, seq_len)
     functions = {
@@ -72,6 +90,8 @@ def bench_model(name, batch_size, seq_len, rank, warmup, steps):
         "batch_size": batch_size,
         "seq_len": seq_len,
         "rank": rank,
+        "targets": targets,
+        "target_layers": common.target_names(name, targets),
         "warmup": warmup,
         "steps": steps,
         "jit_compile": {v: m.jit_compile for v, m in models.items()},
@@ -100,12 +120,12 @@ def bench_model(name, batch_size, seq_len, rank, warmup, steps):
     }
 
 
-def run(size="full", device="cpu", models=None):
+def run(size="full", device="cpu", models=None, jit_compile="auto"):
     """Runs the benchmark in this process; returns the result dict."""
     common.check_device(device)
     spec = SIZES[size]
     rows = []
-    for name, batch_size, seq_len in spec["models"]:
+    for name, batch_size, seq_len, targets in spec["models"]:
         if models and name not in models:
             continue
         rows.append(
@@ -116,6 +136,8 @@ def run(size="full", device="cpu", models=None):
                 spec["rank"],
                 spec["warmup"],
                 spec["steps"],
+                targets,
+                jit_compile,
             )
         )
     for row in rows:
@@ -129,6 +151,7 @@ def run(size="full", device="cpu", models=None):
     return {
         "benchmark": "train_step",
         "size": size,
+        "jit_compile_option": jit_compile,
         "machine": common.machine_info(device),
         "results": rows,
     }
@@ -142,6 +165,7 @@ def print_result(result):
     )
     header = [
         "model",
+        "targets",
         "batch x seq",
         "r",
         "full s",
@@ -159,6 +183,7 @@ def print_result(result):
         rows.append(
             [
                 row["model"],
+                row["targets"],
                 f"{row['batch_size']}x{row['seq_len']}",
                 row["rank"],
                 f"{v['full']['median_s']:.4f}",
@@ -179,11 +204,24 @@ def main(argv=None):
     parser.add_argument(
         "--models", nargs="*", help="subset of the size's models"
     )
+    parser.add_argument(
+        "--jit-compile",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="model.compile(jit_compile=...) for every variant; anything "
+        "but auto writes train_step_jit-<value>_<backend>_<device>.json",
+    )
     args = parser.parse_args(argv)
     common.setup_device(args.device)
-    result = run(args.size, args.device, args.models)
+    jit_compile = {"auto": "auto", "true": True, "false": False}[
+        args.jit_compile
+    ]
+    result = run(args.size, args.device, args.models, jit_compile)
     print_result(result)
-    path = common.write_json(result, args.out, "train_step")
+    script = "train_step"
+    if args.jit_compile != "auto":
+        script += f"_jit-{args.jit_compile}"
+    path = common.write_json(result, args.out, script)
     print(f"wrote {path}")
     return result
 

@@ -21,7 +21,9 @@ if ROOT not in sys.path:
 
 from benchmarks import common  # noqa: E402
 from benchmarks import inference  # noqa: E402
+from benchmarks import lora_branch  # noqa: E402
 from benchmarks import memory  # noqa: E402
+from benchmarks import profile_step  # noqa: E402
 from benchmarks import run_all  # noqa: E402
 from benchmarks import scaling  # noqa: E402
 from benchmarks import train_step  # noqa: E402
@@ -82,8 +84,14 @@ def test_json_has_machine_and_matches_returned(results):
 def test_train_step_structure_and_counts(results):
     _, _, on_disk = results
     rows = on_disk["train_step"]["results"]
-    assert [r["model"] for r in rows] == ["gemma_smoke"]
+    assert [(r["model"], r["targets"]) for r in rows] == [
+        ("gemma_smoke", "qv"),
+        ("bert_smoke", "all_linear"),
+    ]
     for row in rows:
+        assert row["target_layers"] == common.target_names(
+            row["model"], row["targets"]
+        )
         variants = row["variants"]
         assert set(variants) == set(common.VARIANTS)
         for stats in variants.values():
@@ -123,6 +131,16 @@ def test_train_step_structure_and_counts(results):
     hidden = config["hidden_dim"]
     floor = gemma["floor"]["trainable_params"]
     assert floor == hidden * (2 * config["num_layers"] + 1)
+    # all_linear on BERT: the 6 projections of every block, each with
+    # r * (d_in + d_out) adapter numbers.
+    bert = rows[1]["variants"]
+    config = common.BERT_CONFIGS["bert_smoke"]
+    d, f = config["hidden_dim"], config["intermediate_dim"]
+    assert bert["keras_lora"]["adapted_layers"] == 6 * config["num_layers"]
+    per_block = 4 * (d + d) + (d + f) + (f + d)
+    assert bert["keras_lora"]["trainable_params"] == (
+        rows[1]["rank"] * per_block * config["num_layers"]
+    )
 
 
 def test_inference_merged_equals_unmerged(results):
@@ -198,8 +216,8 @@ def test_run_all_summarises_the_json(results, tmp_path):
     assert code == 0
     lines = table.read_text().splitlines()
     assert lines[0].startswith("| backend | model |")
-    # The gemma_smoke train-step row and the memory row.
-    assert len(lines) == 2 + 2
+    # The two train-step rows and the memory row.
+    assert len(lines) == 2 + 3
     assert all(line.startswith(f"| {backend} |") for line in lines[2:])
 
 
@@ -208,3 +226,52 @@ def test_unknown_model_and_device_are_refused():
         common.model_family("gemma_huge")
     with pytest.raises(ValueError, match="tpu"):
         common.setup_device("tpu")
+
+
+def test_profile_step_reports_the_adapter_ops(tmp_path):
+    """The backend profiler's trace is read back into per-op times; the
+    keras_lora step runs more matmul-type ops than the floor (the two
+    adapter matmuls per adapted layer, forward and backward)."""
+    result = profile_step.main(
+        ["--model", "gemma_smoke", "--batch-size", "2", "--seq-len", "8"]
+        + ["--steps", "1", "--variants", "keras_lora", "floor"]
+        + ["--device", DEVICE, "--out", str(tmp_path)]
+    )
+    backend = keras.backend.backend()
+    path = tmp_path / f"profile_step_{backend}_{DEVICE}.json"
+    assert json.loads(path.read_text())["variants"].keys() == {
+        "keras_lora",
+        "floor",
+    }
+    for stats in result["variants"].values():
+        assert stats["ops"]
+        assert _positive_finite(stats["wall_s_per_step"])
+        assert _positive_finite(stats["op_s_per_step"])
+        assert all(o["calls_per_step"] > 0 for o in stats["ops"].values())
+
+    def matmul_calls(variant):
+        ops = result["variants"][variant]["ops"]
+        return sum(
+            o["calls_per_step"]
+            for name, o in ops.items()
+            if any(k in name.lower() for k in ("mm", "matmul", "dot", "ynn"))
+        )
+
+    assert matmul_calls("keras_lora") > matmul_calls("floor") > 0
+
+
+def test_lora_branch_forms_agree(tmp_path):
+    """The three ways of writing the branch give the same gradients (checked
+    inside `run`) and all get a time."""
+    result = lora_branch.main(
+        ["--size", "smoke", "--device", DEVICE, "--out", str(tmp_path)]
+    )
+    assert set(result["ms_forward_backward"]) == {
+        "einsum",
+        "matmul_3d",
+        "matmul_2d",
+    }
+    assert all(
+        _positive_finite(v) for v in result["ms_forward_backward"].values()
+    )
+    assert result["vs_einsum"]["einsum"] == 1.0

@@ -745,8 +745,14 @@ def test_jaxpr_has_no_full_size_intermediate(rng, name):
 
     jaxpr = jax.make_jaxpr(forward)(trainable, non_trainable, x)
     full = _adapted_sizes(layer)
+    # A reshape only relabels a tensor (here the (2, 3, 8) input viewed as
+    # (6, 8), which happens to have the kernel's 48 elements); any A @ B
+    # would show up as the dot_general that formed it.
     sizes = [
-        math.prod(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars
+        math.prod(v.aval.shape)
+        for eqn in jaxpr.jaxpr.eqns
+        if eqn.primitive.name != "reshape"
+        for v in eqn.outvars
     ]
     assert sizes and not [s for s in sizes if s in full]
 

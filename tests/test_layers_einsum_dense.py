@@ -119,7 +119,40 @@ EQUATIONS = [
         (2, 6),
     ),
     ("matrix", "ab,bc->ac", (6,), "c", (2, 4), (4, 2), (2, 6)),
+    # Layouts that are not `x.reshape(..., d_in) @ A @ B` (einsum branch):
+    # output axes moved before the sequence axis, contracted axis not last,
+    # contracted axes in the kernel in another order than in the input.
+    (
+        "heads_first",
+        "btd,ndh->bnth",
+        (2, None, 4),
+        None,
+        (2, 3, 8),
+        (8, 2),
+        (2, 8),
+    ),
+    (
+        "contract_middle",
+        "bdt,dh->bth",
+        (None, 6),
+        "h",
+        (2, 8, 3),
+        (8, 2),
+        (2, 6),
+    ),
+    (
+        "kernel_axes_swapped",
+        "btnh,hnd->btd",
+        (None, 8),
+        None,
+        (2, 3, 2, 4),
+        (8, 2),
+        (2, 8),
+    ),
 ]
+
+#: The cases whose LoRA branch is two einsums instead of two 2-D matmuls.
+EINSUM_BRANCH = {"heads_first", "contract_middle", "kernel_axes_swapped"}
 
 
 @pytest.mark.parametrize("case", EQUATIONS, ids=[c[0] for c in EQUATIONS])
@@ -138,6 +171,7 @@ def test_einsum_matches_oracle(rng, case):
     )
     x = rng.normal(size=x_shape).astype("float32")
     base_out = np_(layer(x))
+    assert layer.lora_as_matmul == (case[0] not in EINSUM_BRANCH)
     assert tuple(layer.lora_a.shape) == a_shape
     assert tuple(layer.lora_b.shape) == b_shape
     bias = np_(layer.bias) if bias_axes else None
@@ -252,3 +286,41 @@ def test_bert_from_layer_matches_oracle(rng):
     )
     np.testing.assert_allclose(np_(lora(x)), expected, atol=1e-5)
     np.testing.assert_allclose(np_(lora.merge()(x)), expected, atol=1e-5)
+
+
+def test_matmul_branch_with_unknown_batch_and_sequence(rng):
+    """The 2-D matmul branch reshapes with the input's run-time leading
+    shape: a compiled Functional attention projection pair with unknown
+    batch and sequence axes gives the oracle's values for two different
+    input shapes (one traced graph per shape on every backend)."""
+    inputs = keras.Input(shape=(None, 8))
+    query = kl.LoRAEinsumDense("btd,ndh->btnh", (None, 2, 4), rank=2)
+    output = kl.LoRAEinsumDense("btnh,nhd->btd", (None, 8), rank=3)
+    model = keras.Model(inputs, output(query(inputs)))
+    for layer in (query, output):
+        set_adapters(layer, rng)
+        assert layer.lora_as_matmul
+    model.compile(jit_compile="auto")
+    for shape in [(2, 3, 8), (5, 7, 8)]:
+        x = rng.normal(size=shape).astype("float32")
+        h = ref.einsum_dense(
+            "btd,ndh->btnh",
+            x,
+            np_(query.kernel),
+            None,
+            np_(query.lora_a),
+            np_(query.lora_b),
+            query.scaling,
+        )
+        expected = ref.einsum_dense(
+            "btnh,nhd->btd",
+            h,
+            np_(output.kernel),
+            None,
+            np_(output.lora_a),
+            np_(output.lora_b),
+            output.scaling,
+        )
+        np.testing.assert_allclose(
+            model.predict_on_batch(x), expected, rtol=1e-4, atol=1e-4
+        )

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.base import low_rank_matmul
 from keras_lora.layers.base import validate_lora_args
 
 
@@ -141,8 +142,9 @@ class LoRADense(LoRALayer, keras.layers.Dense):
             x = ops.add(x, mixed)
         elif self.lora_active():
             a, b = self.adapter_factors()
-            h = ops.matmul(self.lora_dropout(inputs, training), a)
-            x = ops.add(x, ops.matmul(h, b))
+            x = ops.add(
+                x, low_rank_matmul(self.lora_dropout(inputs, training), a, b)
+            )
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:

@@ -7,6 +7,7 @@ import keras
 from keras import ops
 
 from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.base import low_rank_matmul
 from keras_lora.layers.base import validate_lora_args
 
 
@@ -55,6 +56,21 @@ def factor_equation(equation):
     return in_axes, out_axes, equation_a, equation_b
 
 
+def matmul_layout(equation, in_axes):
+    """Whether the LoRA branch of `equation` is `x.reshape(..., d_in) @ A @ B`.
+
+    True when the inputs end with the contracted axes in kernel order and
+    the outputs are the other input axes followed by the output axes in
+    kernel order, e.g. `"btd,ndh->btnh"` or `"...nh,nhd->...d"`.
+    """
+    lhs, outputs = equation.replace(" ", "").split("->")
+    inputs, kernel = lhs.split(",")
+    contracted = "".join(in_axes)
+    out_axes = "".join(c for c in kernel if c in outputs and c not in inputs)
+    lead = inputs[: len(inputs) - len(contracted)]
+    return inputs.endswith(contracted) and outputs == lead + out_axes
+
+
 @keras.saving.register_keras_serializable(package="keras_lora")
 class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     """An `EinsumDense` layer whose frozen kernel is adapted by LoRA.
@@ -62,10 +78,14 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     The kernel is viewed as a matrix (product of its contracted axes) x
     (product of its output axes), the orientation PEFT uses for attention
     projections. With A (d_in, rank) and B (rank, d_out), the layer computes
-    `einsum(x, W) + s * einsum(einsum(dropout(x), A), B)`, then bias and
-    activation as `EinsumDense` does (Hu et al. 2021, arXiv:2106.09685,
-    eq. 3). For Gemma's query projection `"btd,ndh->btnh"`, A is
-    (d, rank) and B is (rank, n*h) in the kernel's (n, h) order.
+    `einsum(x, W) + s * (dropout(x) @ A) @ B`, then bias and activation as
+    `EinsumDense` does (Hu et al. 2021, arXiv:2106.09685, eq. 3). For
+    Gemma's query projection `"btd,ndh->btnh"`, A is (d, rank) and B is
+    (rank, n*h) in the kernel's (n, h) order. When the equation contracts
+    the input's trailing axes and appends the output axes (every keras-hub
+    projection), the branch is two 2-D matmuls on the input viewed as
+    `(tokens, d_in)`; other layouts use two einsums. `A @ B` is never
+    formed.
 
     Args:
         equation: str, as in `keras.layers.EinsumDense`. Kernels with an axis
@@ -162,6 +182,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         self.out_dims = tuple(shape[c] for c in self.out_axes)
         order = self.in_axes + self.out_axes
         self.kernel_permutation = tuple(order.index(c) for c in kernel_spec)
+        self.lora_as_matmul = matmul_layout(self.equation, self.in_axes)
         self.build_adapters()
 
     def lora_shapes(self):
@@ -181,18 +202,32 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         if mixed is not None:
             x = ops.add(x, mixed)
         elif self.lora_active():
-            a, b = self.adapter_factors()
-            a = ops.reshape(a, self.in_dims + (self.adapter_rank,))
-            b = ops.reshape(b, (self.adapter_rank,) + self.out_dims)
-            h = ops.einsum(
-                self.equation_a, self.lora_dropout(inputs, training), a
-            )
-            x = ops.add(x, ops.einsum(self.equation_b, h, b))
+            x = ops.add(x, self.lora_delta(inputs, training))
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+    def lora_delta(self, inputs, training=None):
+        """`s * (dropout(x) @ A) @ B`, shaped as the layer's output.
+
+        When the contracted axes are the input's trailing axes and the
+        output is the remaining input axes followed by the kernel's output
+        axes (every keras-hub attention and MLP projection), the branch is
+        two plain matmuls on the input viewed as `(..., d_in)`; otherwise
+        two einsums. Either way `A @ B` is never formed.
+        """
+        a, b = self.adapter_factors()
+        x = self.lora_dropout(inputs, training)
+        if self.lora_as_matmul:
+            if len(self.in_dims) > 1:
+                lead = tuple(ops.shape(x)[: -len(self.in_dims)])
+                x = ops.reshape(x, lead + (a.shape[0],))
+            return low_rank_matmul(x, a, b, self.out_dims)
+        a = ops.reshape(a, self.in_dims + (self.adapter_rank,))
+        b = ops.reshape(b, (self.adapter_rank,) + self.out_dims)
+        return ops.einsum(self.equation_b, ops.einsum(self.equation_a, x, a), b)
 
     def weight_deltas(self):
         delta = ops.matmul(self.lora_a, self.lora_b)
