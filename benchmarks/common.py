@@ -565,6 +565,17 @@ def base_parser(description):
     return parser
 
 
+def check_models(models, size, available):
+    """Raises a `ValueError` naming `models` unless every requested model is
+    one of the size's (so a typo never writes an empty result file)."""
+    unknown = sorted(set(models or ()) - set(available))
+    if unknown:
+        raise ValueError(
+            f"`--models` must name models of size {size!r}: "
+            f"{sorted(set(available))}. Received: models={models!r}"
+        )
+
+
 def write_json(result, out_dir, script):
     """Writes `<out_dir>/<script>_<backend>_<device>.json`; returns the path."""
     os.makedirs(out_dir, exist_ok=True)

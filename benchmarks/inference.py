@@ -91,6 +91,7 @@ def bench_model(name, batch_size, seq_len, rank, warmup, steps):
 def run(size="full", device="cpu", models=None):
     common.check_device(device)
     spec = SIZES[size]
+    common.check_models(models, size, [m[0] for m in spec["models"]])
     rows = [
         bench_model(name, b, s, spec["rank"], spec["warmup"], spec["steps"])
         for name, b, s in spec["models"]

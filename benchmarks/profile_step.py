@@ -17,6 +17,10 @@ the LoRA layers cost on top of the cheapest possible frozen step), and
 writes JSON. Op times are self times (children excluded) summed over all
 threads, so they can exceed the wall time on several cores.
 
+Writes `profile_step_<targets>_<backend>_<device>.json`. `--size` sets the
+defaults (smoke: gemma_smoke 2 x 8, one step; quick and full: MiniLM
+16 x 128, 3 and 5 steps); explicit flags win.
+
 Usage:
 
     KERAS_BACKEND=torch python -m benchmarks.profile_step --model minilm
@@ -245,13 +249,24 @@ def print_result(result, compare, top):
         )
 
 
+#: Per `--size`: the defaults of --model, --batch-size, --seq-len, --rank
+#: and --steps (each flag given on the command line wins).
+SIZES = {
+    "smoke": dict(
+        model="gemma_smoke", batch_size=2, seq_len=8, rank=4, steps=1
+    ),
+    "quick": dict(model="minilm", batch_size=16, seq_len=128, rank=8, steps=3),
+    "full": dict(model="minilm", batch_size=16, seq_len=128, rank=8, steps=5),
+}
+
+
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--model")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--steps", type=int)
     parser.add_argument(
         "--variants", nargs="*", default=["keras_lora", "floor", "builtin"]
     )
@@ -264,6 +279,9 @@ def main(argv=None):
         "--jit-compile", choices=("auto", "true", "false"), default="auto"
     )
     args = parser.parse_args(argv)
+    for key, value in SIZES[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     common.setup_device(args.device)
     result = run(
         args.model,
@@ -277,7 +295,7 @@ def main(argv=None):
         args.device,
     )
     print_result(result, args.compare, args.top)
-    path = common.write_json(result, args.out, "profile_step")
+    path = common.write_json(result, args.out, f"profile_step_{args.targets}")
     print(f"wrote {path}")
     return result
 

@@ -124,6 +124,7 @@ def run(size="full", device="cpu", models=None, jit_compile="auto"):
     """Runs the benchmark in this process; returns the result dict."""
     common.check_device(device)
     spec = SIZES[size]
+    common.check_models(models, size, [m[0] for m in spec["models"]])
     rows = []
     for name, batch_size, seq_len, targets in spec["models"]:
         if models and name not in models:

@@ -221,6 +221,18 @@ def test_run_all_summarises_the_json(results, tmp_path):
     assert all(line.startswith(f"| {backend} |") for line in lines[2:])
 
 
+def test_models_outside_the_size_are_refused(tmp_path):
+    """A `--models` name the size does not have is an error, not an empty
+    result file."""
+    with pytest.raises(ValueError, match="minilm"):
+        inference.main(SMOKE + ["--models", "minilm", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="gemma_mid"):
+        train_step.main(
+            SMOKE + ["--models", "gemma_mid", "--out", str(tmp_path)]
+        )
+    assert not list(tmp_path.iterdir())
+
+
 def test_unknown_model_and_device_are_refused():
     with pytest.raises(ValueError, match="gemma_huge"):
         common.model_family("gemma_huge")
@@ -233,12 +245,15 @@ def test_profile_step_reports_the_adapter_ops(tmp_path):
     keras_lora step runs more matmul-type ops than the floor (the two
     adapter matmuls per adapted layer, forward and backward)."""
     result = profile_step.main(
-        ["--model", "gemma_smoke", "--batch-size", "2", "--seq-len", "8"]
-        + ["--steps", "1", "--variants", "keras_lora", "floor"]
-        + ["--device", DEVICE, "--out", str(tmp_path)]
+        SMOKE + ["--variants", "keras_lora", "floor", "--out", str(tmp_path)]
+    )
+    assert (result["model"], result["batch_size"], result["seq_len"]) == (
+        "gemma_smoke",
+        2,
+        8,
     )
     backend = keras.backend.backend()
-    path = tmp_path / f"profile_step_{backend}_{DEVICE}.json"
+    path = tmp_path / f"profile_step_qv_{backend}_{DEVICE}.json"
     assert json.loads(path.read_text())["variants"].keys() == {
         "keras_lora",
         "floor",
