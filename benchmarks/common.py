@@ -576,6 +576,23 @@ def check_models(models, size, available):
         )
 
 
+def add_jit_compile_argument(parser):
+    """`--jit-compile auto|true|false`, for `model.compile(jit_compile=...)`;
+    read it back with `jit_compile_value`."""
+    parser.add_argument(
+        "--jit-compile",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="model.compile(jit_compile=...) for every variant "
+        "(auto: Keras's default)",
+    )
+
+
+def jit_compile_value(flag):
+    """The `model.compile` value of a `--jit-compile` flag."""
+    return {"auto": "auto", "true": True, "false": False}[flag]
+
+
 def write_json(result, out_dir, script):
     """Writes `<out_dir>/<script>_<backend>_<device>.json`; returns the path."""
     os.makedirs(out_dir, exist_ok=True)

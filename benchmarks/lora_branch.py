@@ -8,7 +8,8 @@ output 12 heads x 32) written three ways, per backend:
   EinsumDense equations split in two;
 - `matmul_3d`: `matmul` of the 3-D input by A, then by B, then a reshape;
 - `matmul_2d`: the input viewed as `(tokens, d_in)`, two 2-D matmuls, one
-  reshape back (what `keras_lora.layers.base.low_rank_matmul` does).
+  reshape back: `keras_lora.layers.base.low_rank_matmul` itself, the form
+  the layers use.
 
 The step is compiled the way Keras compiles a train step on the backend
 (`jax.jit`, `tf.function`, eager PyTorch). Interleaved rounds, median.
@@ -34,6 +35,8 @@ SIZES = {
 def branches(rank, heads):
     from keras import ops
 
+    from keras_lora.layers.base import low_rank_matmul
+
     def einsum(x, a, b):
         h = ops.einsum("abc,cr->abr", x, a)
         return ops.einsum("abr,rde->abde", h, ops.reshape(b, (rank, *heads)))
@@ -43,9 +46,7 @@ def branches(rank, heads):
         return ops.reshape(y, tuple(ops.shape(y)[:-1]) + heads)
 
     def matmul_2d(x, a, b):
-        lead = tuple(ops.shape(x)[:-1])
-        y = ops.matmul(ops.matmul(ops.reshape(x, (-1, a.shape[0])), a), b)
-        return ops.reshape(y, lead + heads)
+        return low_rank_matmul(x, a, b, heads)
 
     return {"einsum": einsum, "matmul_3d": matmul_3d, "matmul_2d": matmul_2d}
 

@@ -275,9 +275,7 @@ def main(argv=None):
     parser.add_argument(
         "--targets", choices=sorted(common.TARGET_SETS), default="qv"
     )
-    parser.add_argument(
-        "--jit-compile", choices=("auto", "true", "false"), default="auto"
-    )
+    common.add_jit_compile_argument(parser)
     args = parser.parse_args(argv)
     for key, value in SIZES[args.size].items():
         if getattr(args, key) is None:
@@ -290,7 +288,7 @@ def main(argv=None):
         args.rank,
         args.variants,
         args.steps,
-        {"auto": "auto", "true": True, "false": False}[args.jit_compile],
+        common.jit_compile_value(args.jit_compile),
         args.targets,
         args.device,
     )

@@ -205,19 +205,16 @@ def main(argv=None):
     parser.add_argument(
         "--models", nargs="*", help="subset of the size's models"
     )
-    parser.add_argument(
-        "--jit-compile",
-        choices=("auto", "true", "false"),
-        default="auto",
-        help="model.compile(jit_compile=...) for every variant; anything "
-        "but auto writes train_step_jit-<value>_<backend>_<device>.json",
-    )
+    # Anything but auto writes train_step_jit-<value>_<backend>_<device>.json.
+    common.add_jit_compile_argument(parser)
     args = parser.parse_args(argv)
     common.setup_device(args.device)
-    jit_compile = {"auto": "auto", "true": True, "false": False}[
-        args.jit_compile
-    ]
-    result = run(args.size, args.device, args.models, jit_compile)
+    result = run(
+        args.size,
+        args.device,
+        args.models,
+        common.jit_compile_value(args.jit_compile),
+    )
     print_result(result)
     script = "train_step"
     if args.jit_compile != "auto":

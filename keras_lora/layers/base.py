@@ -101,28 +101,31 @@ def lora_scaling(rank, alpha, use_rslora):
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def low_rank_matmul(x, a, b, out_dims=None):
-    """`(x @ a) @ b` over the last axis of `x`, as two 2-D matmuls.
+def low_rank_matmul(x, a, b, out_dims=None, in_ndim=1):
+    """`(x @ a) @ b` over the trailing axes of `x`, as two 2-D matmuls.
 
-    The leading axes of `x` are flattened first: on all three backends a
+    `x` is viewed as `(tokens, d_in)` first, its leading axes flattened and
+    its last `in_ndim` axes merged into `d_in`: on all three backends a
     2-D `(tokens, d_in) @ (d_in, r)` matmul (and its gradient) is faster
     than the batched 3-D form or an einsum (benchmarks/profile_step.py).
     `a @ b` is never formed.
 
     Args:
-        x: tensor of shape `(..., d_in)`.
+        x: tensor of shape `(...,) + in_dims` with `prod(in_dims) = d_in`.
         a: tensor of shape `(d_in, r)`.
         b: tensor of shape `(r, d_out)`.
         out_dims: tuple of ints whose product is `d_out`, the trailing
             output shape; defaults to `(d_out,)`.
+        in_ndim: int, how many trailing axes of `x` are contracted.
+            Defaults to `1`.
 
     Returns:
         A tensor of shape `(...,) + out_dims`.
     """
     out_dims = tuple(out_dims or (b.shape[-1],))
-    if len(x.shape) == 2 and len(out_dims) == 1:
+    if len(x.shape) == 2 and in_ndim == 1 and len(out_dims) == 1:
         return ops.matmul(ops.matmul(x, a), b)
-    lead = tuple(ops.shape(x)[:-1])
+    lead = tuple(ops.shape(x)[:-in_ndim])
     y = ops.matmul(ops.matmul(ops.reshape(x, (-1, a.shape[0])), a), b)
     return ops.reshape(y, lead + out_dims)
 

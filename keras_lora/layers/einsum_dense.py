@@ -56,7 +56,7 @@ def factor_equation(equation):
     return in_axes, out_axes, equation_a, equation_b
 
 
-def matmul_layout(equation, in_axes):
+def matmul_layout(equation, in_axes, out_axes):
     """Whether the LoRA branch of `equation` is `x.reshape(..., d_in) @ A @ B`.
 
     True when the inputs end with the contracted axes in kernel order and
@@ -64,11 +64,10 @@ def matmul_layout(equation, in_axes):
     kernel order, e.g. `"btd,ndh->btnh"` or `"...nh,nhd->...d"`.
     """
     lhs, outputs = equation.replace(" ", "").split("->")
-    inputs, kernel = lhs.split(",")
+    inputs = lhs.split(",")[0]
     contracted = "".join(in_axes)
-    out_axes = "".join(c for c in kernel if c in outputs and c not in inputs)
     lead = inputs[: len(inputs) - len(contracted)]
-    return inputs.endswith(contracted) and outputs == lead + out_axes
+    return inputs.endswith(contracted) and outputs == lead + "".join(out_axes)
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -182,7 +181,9 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         self.out_dims = tuple(shape[c] for c in self.out_axes)
         order = self.in_axes + self.out_axes
         self.kernel_permutation = tuple(order.index(c) for c in kernel_spec)
-        self.lora_as_matmul = matmul_layout(self.equation, self.in_axes)
+        self.lora_as_matmul = matmul_layout(
+            self.equation, self.in_axes, self.out_axes
+        )
         self.build_adapters()
 
     def lora_shapes(self):
@@ -221,10 +222,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         a, b = self.adapter_factors()
         x = self.lora_dropout(inputs, training)
         if self.lora_as_matmul:
-            if len(self.in_dims) > 1:
-                lead = tuple(ops.shape(x)[: -len(self.in_dims)])
-                x = ops.reshape(x, lead + (a.shape[0],))
-            return low_rank_matmul(x, a, b, self.out_dims)
+            return low_rank_matmul(x, a, b, self.out_dims, len(self.in_dims))
         a = ops.reshape(a, self.in_dims + (self.adapter_rank,))
         b = ops.reshape(b, (self.adapter_rank,) + self.out_dims)
         return ops.einsum(self.equation_b, ops.einsum(self.equation_a, x, a), b)

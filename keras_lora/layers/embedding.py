@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_lora._keras_private import set_keras_mask
 from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.base import low_rank_matmul
 from keras_lora.layers.base import validate_lora_args
 
 
@@ -209,8 +210,7 @@ class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
             a, b = self.adapter_factors("reverse_lora_a", "reverse_lora_b")
         a = ops.cast(a, x.dtype)
         b = ops.cast(b, x.dtype)
-        h = ops.matmul(self.lora_dropout(x, training), a)
-        return ops.matmul(h, b)
+        return low_rank_matmul(self.lora_dropout(x, training), a, b)
 
     def weight_deltas(self):
         deltas = super().weight_deltas()
