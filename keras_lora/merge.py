@@ -74,7 +74,7 @@ def merge(model):
 
     Returns:
         The merged plain model. Its outputs equal `model`'s (float32
-        atol 1e-5).
+        rounding).
 
     Raises:
         ValueError: if `model` has no keras_lora layers (e.g. it is already

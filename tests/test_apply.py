@@ -13,6 +13,9 @@ from models import tiny_bert_classifier
 from models import tiny_gemma_causal_lm
 from models import tiny_llama3_causal_lm
 from models import weights_snapshot
+from numerics import assert_close
+from numerics import assert_exact
+from numerics import close
 
 import keras_lora as kl
 
@@ -96,7 +99,7 @@ def test_sequential_stays_sequential_and_shares_weights(rng):
     for plain, adapted in zip(model.layers, lora.layers, strict=True):
         assert adapted.kernel is plain.kernel
         assert adapted.bias is plain.bias
-    np.testing.assert_array_equal(to_numpy(lora(x)), before)
+    assert_exact(to_numpy(lora(x)), before)
     assert sorted(w.name for w in lora.trainable_weights) == [
         "lora_a",
         "lora_a",
@@ -110,7 +113,7 @@ def test_functional_default_targets_fall_back_to_dense(rng):
     lora = kl.apply_lora(model, rank=2)
     assert set(kl.lora_layers(lora)) == {"hidden", "out"}
     x = rng.normal(size=(3, 8)).astype("float32")
-    np.testing.assert_array_equal(to_numpy(lora(x)), to_numpy(model(x)))
+    assert_exact(to_numpy(lora(x)), to_numpy(model(x)))
 
 
 def test_nested_models_reachable_by_path_and_pattern(rng):
@@ -134,7 +137,7 @@ def test_nested_models_reachable_by_path_and_pattern(rng):
     inner = lora.get_layer("middle").get_layer("inner")
     q = inner.get_layer("query_proj")
     expected = to_numpy(model(x))
-    assert not np.allclose(to_numpy(lora(x)), expected)
+    assert not close(to_numpy(lora(x)), expected)
     assert type(q) is kl.LoRADense
 
 
@@ -234,7 +237,7 @@ def test_bad_arguments_raise_early_and_change_nothing(kwargs, error, text, rng):
     assert text in str(info.value)
     assert [w.trainable for w in model.weights] == flags
     assert not kl.lora_layers(model)
-    np.testing.assert_array_equal(to_numpy(model(x)), before)
+    assert_exact(to_numpy(model(x)), before)
 
 
 def test_unsupported_layer_selected_is_a_type_error():
@@ -265,7 +268,7 @@ def test_shared_layer_gets_one_adapter_used_at_every_site(rng):
         layer.lora_a
     ) @ to_numpy(layer.lora_b)
     expected = (xa @ w) - (xb @ w)  # biases cancel
-    np.testing.assert_allclose(to_numpy(lora([xa, xb])), expected, atol=1e-5)
+    assert_close(to_numpy(lora([xa, xb])), expected)
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -280,7 +283,7 @@ def test_subclassed_layer_with_attribute_and_list_sublayers(inplace, rng):
         "tower/block_0",
         "tower/block_1",
     }
-    np.testing.assert_array_equal(to_numpy(lora(x)), before)
+    assert_exact(to_numpy(lora(x)), before)
     tower = lora.get_layer("tower")
     assert isinstance(tower.blocks[1], kl.LoRADense)
     assert tower.proj is kl.lora_layers(lora)["tower/proj"]
@@ -321,7 +324,7 @@ def test_keras_hub_causal_lm_default_targets_fit_generate(factory):
         for i in range(2)
         for proj in ("query", "value")
     )
-    np.testing.assert_array_equal(to_numpy(lora.predict(x, verbose=0)), before)
+    assert_exact(to_numpy(lora.predict(x, verbose=0)), before)
     lora.compile(
         optimizer=keras.optimizers.Adam(1e-2),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -350,7 +353,7 @@ def test_bert_classifier_with_trainable_head():
     x, y = bert_batch()
     before = to_numpy(model.predict(x, verbose=0))
     lora = kl.apply_lora(model, rank=2, trainable_layers=["logits"])
-    np.testing.assert_array_equal(to_numpy(lora.predict(x, verbose=0)), before)
+    assert_exact(to_numpy(lora.predict(x, verbose=0)), before)
     layers = kl.lora_layers(lora)
     assert len(layers) == 4 and all(
         p.endswith(("self_attention_layer/query", "self_attention_layer/value"))
@@ -377,10 +380,10 @@ def test_training_arg_reaches_converted_layers(rng):
     lora = kl.apply_lora(model, rank=2, dropout=0.5)
     randomize_adapters(lora, scale=1.0)
     x = rng.normal(size=(2, 6, 6, 2)).astype("float32")
-    np.testing.assert_array_equal(
+    assert_exact(
         to_numpy(lora(x, training=False)), to_numpy(lora(x, training=False))
     )
-    assert not np.allclose(
+    assert not close(
         to_numpy(lora(x, training=True)), to_numpy(lora(x, training=False))
     )
 
@@ -405,7 +408,7 @@ def test_inplace_returns_the_model_itself(rng):
     same = kl.apply_lora(model, rank=2, inplace=True)
     assert same is model
     assert isinstance(model.get_layer("hidden"), kl.LoRADense)
-    np.testing.assert_array_equal(to_numpy(model(x)), before)
+    assert_exact(to_numpy(model(x)), before)
 
 
 def test_summary_counts(capsys):

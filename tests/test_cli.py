@@ -10,6 +10,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from numerics import assert_close
 
 from keras_lora import cli
 from keras_lora import data as kl_data
@@ -246,9 +247,7 @@ def test_model_head_and_scores_on_a_tiny_bert():
     pooled = (seq * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
     head = model.get_layer("head")
     kernel, bias = (keras.ops.convert_to_numpy(w) for w in head.weights)
-    np.testing.assert_allclose(
-        out, 2.0 * (pooled @ kernel + bias) + 1.5, rtol=1e-5, atol=1e-5
-    )
+    assert_close(out, 2.0 * (pooled @ kernel + bias) + 1.5)
     scores, pred = cli.evaluate(
         model, x, np.array([1.0, 2.0], "float32"), "regression"
     )

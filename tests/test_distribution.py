@@ -18,6 +18,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from numerics import assert_close
 
 import keras_lora
 from keras_lora.distribution import adapter_layout
@@ -172,11 +173,10 @@ def test_no_distribution_means_no_layout_and_plain_adapters(rng):
     with adapter_layout_scope(layer, "lora_a"):
         assert keras.distribution.distribution() is None
     x = rng.normal(size=(2, 4)).astype("float32")
-    np.testing.assert_allclose(
+    assert_close(
         keras.ops.convert_to_numpy(layer(x)),
         x @ keras.ops.convert_to_numpy(layer.kernel)
         + keras.ops.convert_to_numpy(layer.bias),
-        atol=1e-5,
     )
 
 
@@ -429,7 +429,7 @@ def test_jax_c15_rank_3_on_mesh_1x2(jax_report):
     a, b = np.array(c15["a"]), np.array(c15["b"])
     assert np.abs(b).max() > 0.1
     expected = x @ w + c15["scaling"] * (x @ a) @ b + bias
-    np.testing.assert_allclose(np.array(c15["y"]), expected, atol=1e-5)
+    assert_close(np.array(c15["y"]), expected)
 
 
 @needs_jax
@@ -475,8 +475,10 @@ def test_jax_gemma_model_parallel_shardings(jax_report):
 def test_jax_gemma_training_loss_matches_one_device(jax_report):
     single = jax_report["single"]["loss"]
     assert len(single) == 2 and single[1] < single[0]
-    np.testing.assert_allclose(jax_report["mp"]["loss"], single, rtol=1e-5)
-    np.testing.assert_allclose(jax_report["dp"]["loss"], single, rtol=1e-5)
+    # Losses after training steps through a whole model, with reductions
+    # split across devices: rounding of many chained ops.
+    assert_close(jax_report["mp"]["loss"], single, ulps=256)
+    assert_close(jax_report["dp"]["loss"], single, ulps=256)
     assert jax_report["mp_vs_single_adapters"] < 1e-5
     assert jax_report["dp_vs_single_adapters"] < 1e-5
     assert all("lora_" in p for p in jax_report["trainable"])
@@ -620,7 +622,8 @@ def test_tf_mirrored_strategy_fit_merge_export():
         "d2/lora_b",
     ]
     assert report["base_unchanged"]
-    np.testing.assert_allclose(report["loss"], report["single_loss"], rtol=1e-5)
+    # Training losses with reductions split across replicas.
+    assert_close(report["loss"], report["single_loss"], ulps=256)
     assert report["loss"][2] < report["loss"][0]
     assert report["adapters_diff"] < 1e-5
     assert report["merged_vs_lora"] < 1e-5
@@ -736,7 +739,8 @@ def test_torch_ddp_two_processes_match_one_process():
     ]
     # Mean of the two ranks' half-batch losses = the full-batch loss.
     rank_mean = np.mean(report["rank_losses"], axis=0)
-    np.testing.assert_allclose(rank_mean, report["single_loss"], rtol=1e-5)
+    # Training losses with reductions split across processes.
+    assert_close(rank_mean, report["single_loss"], ulps=256)
     assert report["single_loss"][2] < report["single_loss"][0]
     assert report["max_diff_vs_single"] < 1e-6
     assert report["base_moved"] == 0.0

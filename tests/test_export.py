@@ -12,6 +12,7 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
+from numerics import assert_close
 
 import keras_lora
 from keras_lora.export import ExportError
@@ -78,7 +79,7 @@ def test_functional_conv_dense_export_reproduces_lora_outputs(conv_export):
     assert {"serve", "serving_default"} <= set(result.signatures)
     assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
     loaded, actual = _serve(result.path, x)
-    np.testing.assert_allclose(np.asarray(actual), expected, atol=1e-5)
+    assert_close(np.asarray(actual), expected)
     _assert_no_adapters(loaded)
     # The merged kernels are W + s A B (C09), not the base kernels: the
     # LoRA model's output differs from the base model's here.
@@ -124,11 +125,7 @@ def test_sequential_export_overwrite_and_no_half_written_dir(tmp_path):
     # No staging folder is left next to the export.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     report = saved_model_report(str(path), x)
-    np.testing.assert_allclose(
-        report["outputs"],
-        keras.ops.convert_to_numpy(lora_model(x)),
-        atol=1e-5,
-    )
+    assert_close(report["outputs"], keras.ops.convert_to_numpy(lora_model(x)))
     assert not [v for v in report["variables"] if "lora" in v]
 
 
@@ -162,10 +159,10 @@ def test_keras_hub_bert_text_classifier_export(tmp_path):
     result = export_saved_model(lora_model, tmp_path / "bert", check_inputs=x)
     assert result.max_abs_diff < 1e-4
     loaded, logits = _serve(result.path, x)
-    np.testing.assert_allclose(
-        np.asarray(logits),
-        keras.ops.convert_to_numpy(lora_model(x)),
-        atol=1e-4,
+    # A whole model, merged kernels against unmerged branches through
+    # attention, softmax and layer norms: rounding of many chained ops.
+    assert_close(
+        np.asarray(logits), keras.ops.convert_to_numpy(lora_model(x)), ulps=1024
     )
     _assert_no_adapters(loaded)
 
@@ -193,10 +190,9 @@ def test_keras_hub_gemma_backbone_export(tmp_path):
     result = export_saved_model(lora_model, tmp_path / "gemma", check_inputs=x)
     assert result.max_abs_diff < 1e-4
     loaded, hidden = _serve(result.path, x)
-    np.testing.assert_allclose(
-        np.asarray(hidden),
-        keras.ops.convert_to_numpy(lora_model(x)),
-        atol=1e-4,
+    # A whole model (see above): rounding of many chained ops.
+    assert_close(
+        np.asarray(hidden), keras.ops.convert_to_numpy(lora_model(x)), ulps=1024
     )
     _assert_no_adapters(loaded)
 

@@ -4,6 +4,8 @@ import keras
 import numpy as np
 import pytest
 import reference as ref
+from numerics import assert_close
+from numerics import assert_exact
 
 import keras_lora as kl
 
@@ -49,15 +51,14 @@ def test_dense_matches_oracle(
         s,
         activation,
     )
-    np.testing.assert_allclose(np_(layer(x)), expected, atol=1e-5)
+    assert_close(np_(layer(x)), expected)
     merged = layer.merge()
     assert type(merged) is keras.layers.Dense
-    np.testing.assert_allclose(np_(merged(x)), expected, atol=1e-5)
-    np.testing.assert_allclose(
+    assert_close(np_(merged(x)), expected)
+    assert_close(
         np_(merged.kernel),
         np_(layer.kernel)
         + s * ref.f64(np_(layer.lora_a)) @ ref.f64(np_(layer.lora_b)),
-        atol=1e-6,
     )
 
 
@@ -69,11 +70,11 @@ def test_fresh_adapter_is_exactly_base(rng):
     lora = kl.LoRADense.from_layer(dense, rank=4, alpha=8)
     assert np.all(np_(lora.lora_b) == 0)
     assert np.any(np_(lora.lora_a) != 0)
-    np.testing.assert_array_equal(np_(lora(x)), base_out)
+    assert_exact(np_(lora(x)), base_out)
     fresh = kl.LoRADense(5, rank=4)
     fresh_out = np_(fresh(x))
     expected = ref.dense(x, np_(fresh.kernel), np_(fresh.bias))
-    np.testing.assert_allclose(fresh_out, expected, atol=1e-6)
+    assert_close(fresh_out, expected)
 
 
 def test_c09_merge_by_hand():
@@ -95,10 +96,10 @@ def test_c09_merge_by_hand():
     by_hand = kernel + 2.0 * np.array([[0.7, 1.0], [1.5, 2.2], [2.3, 3.4]])
     merged = layer.merge()
     assert tuple(merged.kernel.shape) == (3, 2)
-    np.testing.assert_allclose(np_(merged.kernel), by_hand, atol=1e-6)
+    assert_close(np_(merged.kernel), by_hand)
     out = x @ by_hand + np.array([0.5, -0.5])
-    np.testing.assert_allclose(np_(layer(x)), out, atol=1e-5)
-    np.testing.assert_allclose(np_(merged(x)), out, atol=1e-5)
+    assert_close(np_(layer(x)), out)
+    assert_close(np_(merged(x)), out)
 
 
 def test_c10_merge_unmerge_bit_exact_large_kernel(rng):
@@ -116,11 +117,11 @@ def test_c10_merge_unmerge_bit_exact_large_kernel(rng):
     layer.merge_adapter()
     assert layer.merged
     assert not np.array_equal(np_(layer.kernel), original)
-    np.testing.assert_allclose(np_(layer(x)), unmerged_out, rtol=1e-5)
+    assert_close(np_(layer(x)), unmerged_out)
     layer.unmerge_adapter()
     assert not layer.merged
     assert np_(layer.kernel).tobytes() == original.tobytes()
-    np.testing.assert_array_equal(np_(layer(x)), unmerged_out)
+    assert_exact(np_(layer(x)), unmerged_out)
 
 
 def test_train_bias_adds_bias_to_trainables(rng):

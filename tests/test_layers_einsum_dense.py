@@ -6,6 +6,8 @@ import keras
 import numpy as np
 import pytest
 import reference as ref
+from numerics import assert_close
+from numerics import assert_exact
 
 import keras_lora as kl
 from keras_lora.layers.einsum_dense import factor_equation
@@ -176,7 +178,7 @@ def test_einsum_matches_oracle(rng, case):
     assert tuple(layer.lora_b.shape) == b_shape
     bias = np_(layer.bias) if bias_axes else None
     # Fresh adapter: exactly the base computation.
-    np.testing.assert_allclose(
+    assert_close(
         base_out,
         ref.einsum_dense(
             equation,
@@ -187,7 +189,6 @@ def test_einsum_matches_oracle(rng, case):
             None,
             activation=activation,
         ),
-        atol=1e-5,
     )
     set_adapters(layer, rng)
     expected = ref.einsum_dense(
@@ -200,11 +201,11 @@ def test_einsum_matches_oracle(rng, case):
         1.5,
         activation,
     )
-    np.testing.assert_allclose(np_(layer(x)), expected, atol=1e-5)
+    assert_close(np_(layer(x)), expected)
     merged = layer.merge()
     assert type(merged) is keras.layers.EinsumDense
     assert tuple(merged.kernel.shape) == tuple(layer.kernel.shape)
-    np.testing.assert_allclose(np_(merged(x)), expected, atol=1e-5)
+    assert_close(np_(merged(x)), expected)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -218,12 +219,11 @@ def test_einsum_scaling_and_deltas(rng, use_rslora):
     assert layer.scaling == pytest.approx(s)
     delta = np_(layer.weight_deltas()["kernel"])
     assert delta.shape == (4, 6, 3)
-    np.testing.assert_allclose(
+    assert_close(
         delta,
         ref.einsum_delta(
             "btd,ndh->btnh", (4, 6, 3), np_(layer.lora_a), np_(layer.lora_b), s
         ),
-        atol=1e-6,
     )
 
 
@@ -273,7 +273,7 @@ def test_bert_from_layer_matches_oracle(rng):
     lora = kl.LoRAEinsumDense.from_layer(query, rank=2, alpha=4)
     assert lora.kernel is query.kernel
     x = rng.normal(size=(2, 6, 8)).astype("float32")
-    np.testing.assert_array_equal(np_(lora(x)), np_(query(x)))
+    assert_exact(np_(lora(x)), np_(query(x)))
     set_adapters(lora, rng)
     expected = ref.einsum_dense(
         "abc,cde->abde",
@@ -284,8 +284,8 @@ def test_bert_from_layer_matches_oracle(rng):
         np_(lora.lora_b),
         2.0,
     )
-    np.testing.assert_allclose(np_(lora(x)), expected, atol=1e-5)
-    np.testing.assert_allclose(np_(lora.merge()(x)), expected, atol=1e-5)
+    assert_close(np_(lora(x)), expected)
+    assert_close(np_(lora.merge()(x)), expected)
 
 
 def test_matmul_branch_with_unknown_batch_and_sequence(rng):
@@ -321,6 +321,4 @@ def test_matmul_branch_with_unknown_batch_and_sequence(rng):
             np_(output.lora_b),
             output.scaling,
         )
-        np.testing.assert_allclose(
-            model.predict_on_batch(x), expected, rtol=1e-4, atol=1e-4
-        )
+        assert_close(model.predict_on_batch(x), expected)

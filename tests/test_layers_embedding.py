@@ -4,6 +4,9 @@ import keras
 import numpy as np
 import pytest
 import reference as ref
+from numerics import assert_close
+from numerics import assert_exact
+from numerics import close
 
 import keras_lora as kl
 
@@ -28,20 +31,18 @@ def test_embedding_matches_oracle(rng, rank, alpha, use_rslora):
         50, 8, rank=rank, alpha=alpha, use_rslora=use_rslora
     )
     base_out = np_(layer(IDS))
-    np.testing.assert_array_equal(base_out, np_(layer.embeddings)[IDS])
+    assert_exact(base_out, np_(layer.embeddings)[IDS])
     set_adapters(layer, rng)
     s = ref.scaling(rank, alpha, use_rslora)
     expected = ref.embedding(
         IDS, np_(layer.embeddings), np_(layer.lora_a), np_(layer.lora_b), s
     )
-    np.testing.assert_allclose(np_(layer(IDS)), expected, atol=1e-5)
+    assert_close(np_(layer(IDS)), expected)
     merged = layer.merge()
     assert type(merged) is keras.layers.Embedding
-    np.testing.assert_allclose(np_(merged(IDS)), expected, atol=1e-5)
+    assert_close(np_(merged(IDS)), expected)
     # Float ids are cast as the base layer does.
-    np.testing.assert_allclose(
-        np_(layer(IDS.astype("float32"))), expected, atol=1e-5
-    )
+    assert_close(np_(layer(IDS.astype("float32"))), expected)
 
 
 def test_c06_mask_zero_mask_identical_to_base(rng):
@@ -52,10 +53,8 @@ def test_c06_mask_zero_mask_identical_to_base(rng):
     layer = kl.LoRAEmbedding.from_layer(base, rank=2)
     assert layer.mask_zero
     set_adapters(layer, rng)
-    np.testing.assert_array_equal(
-        np_(layer.compute_mask(IDS)), np_(base.compute_mask(IDS))
-    )
-    np.testing.assert_array_equal(np_(layer.compute_mask(IDS)), IDS != 0)
+    assert_exact(np_(layer.compute_mask(IDS)), np_(base.compute_mask(IDS)))
+    assert_exact(np_(layer.compute_mask(IDS)), IDS != 0)
     # The mask reaches a downstream layer (masked average pooling).
     inputs = keras.Input((4,), dtype="int32")
     pooled = keras.layers.GlobalAveragePooling1D()(layer(inputs))
@@ -65,7 +64,7 @@ def test_c06_mask_zero_mask_identical_to_base(rng):
     )
     mask = (IDS != 0)[..., None]
     expected = (table * mask).sum(1) / mask.sum(1)
-    np.testing.assert_allclose(np_(model(IDS)), expected, atol=1e-5)
+    assert_close(np_(model(IDS)), expected)
 
 
 @pytest.mark.parametrize("tie_weights", [True, False])
@@ -108,18 +107,16 @@ def test_c06_reversible_embedding_logits(rng, tie_weights, logit_soft_cap):
             **kw,
         )
     logits = np_(layer(h, reverse=True))
-    assert not np.allclose(logits, base_logits)
-    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    assert not close(logits, base_logits)
+    assert_close(logits, expected)
     merged = layer.merge()
     assert type(merged) is keras.layers.ReversibleEmbedding
-    np.testing.assert_allclose(np_(merged(h, reverse=True)), logits, atol=1e-5)
-    np.testing.assert_allclose(
-        np_(merged(IDS)), ref.embedding(IDS, table, a, b, 2.0), atol=1e-5
-    )
+    assert_close(np_(merged(h, reverse=True)), logits)
+    assert_close(np_(merged(IDS)), ref.embedding(IDS, table, a, b, 2.0))
     layer.merge_adapter()
-    np.testing.assert_allclose(np_(layer(h, reverse=True)), logits, atol=1e-5)
+    assert_close(np_(layer(h, reverse=True)), logits)
     layer.unmerge_adapter()
-    np.testing.assert_array_equal(np_(layer(h, reverse=True)), logits)
+    assert_exact(np_(layer(h, reverse=True)), logits)
 
 
 @pytest.mark.parametrize("tie_weights", [True, False])
@@ -138,8 +135,8 @@ def test_c06_keras_hub_reversible_embedding_from_layer(rng, tie_weights):
     layer = kl.LoRAReversibleEmbedding.from_layer(base, rank=2)
     assert layer.embeddings is base.embeddings
     assert not base.embeddings.trainable
-    np.testing.assert_array_equal(np_(layer(h, reverse=True)), base_logits)
-    np.testing.assert_array_equal(np_(layer(IDS)), np_(base(IDS)))
+    assert_exact(np_(layer(h, reverse=True)), base_logits)
+    assert_exact(np_(layer(IDS)), np_(base(IDS)))
     set_adapters(layer, rng)
     logits = np_(layer(h, reverse=True))
     if tie_weights:
@@ -153,14 +150,12 @@ def test_c06_keras_hub_reversible_embedding_from_layer(rng, tie_weights):
             reverse_a=np_(layer.reverse_lora_a),
             reverse_b=np_(layer.reverse_lora_b),
         )
-    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    assert_close(logits, expected)
     out = layer(keras.ops.convert_to_tensor(IDS))
-    np.testing.assert_array_equal(
-        np_(keras.ops.convert_to_tensor(out._keras_mask)), IDS != 0
-    )
+    assert_exact(np_(keras.ops.convert_to_tensor(out._keras_mask)), IDS != 0)
     merged = layer.merge()
     assert type(merged) is keras_hub.layers.ReversibleEmbedding
-    np.testing.assert_allclose(np_(merged(h, reverse=True)), logits, atol=1e-5)
+    assert_close(np_(merged(h, reverse=True)), logits)
 
 
 def test_gemma_token_embedding_logits(rng):
@@ -184,4 +179,4 @@ def test_gemma_token_embedding_logits(rng):
     expected = ref.reverse_embedding(
         h, np_(token.embeddings), np_(layer.lora_a), np_(layer.lora_b), 1.0
     )
-    np.testing.assert_allclose(np_(layer(h, reverse=True)), expected, atol=1e-5)
+    assert_close(np_(layer(h, reverse=True)), expected)

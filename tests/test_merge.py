@@ -16,6 +16,8 @@ from models import tiny_bert_classifier
 from models import tiny_gemma_causal_lm
 from models import tiny_llama3_causal_lm
 from models import weights_snapshot
+from numerics import assert_close
+from numerics import assert_exact
 
 import keras_lora as kl
 
@@ -53,10 +55,9 @@ def test_causal_lm_merge_equals_unmerged_and_generates_same_tokens(
     assert type(merged) is type(model)
     assert not kl.lora_layers(merged)
     assert not any("lora" in v.path for v in merged.weights)
-    np.testing.assert_allclose(
+    assert_close(
         to_numpy(merged.predict(x, verbose=0)),
         to_numpy(lora.predict(x, verbose=0)),
-        atol=1e-5,
     )
     # Merged kernels match an independent NumPy oracle.
     merged_layers = dict(kl.iter_layers(merged))
@@ -64,13 +65,11 @@ def test_causal_lm_merge_equals_unmerged_and_generates_same_tokens(
         plain = merged_layers[path]
         assert type(plain) is layer.merge_class
         if isinstance(layer, kl.LoRAEinsumDense):
-            np.testing.assert_allclose(
-                to_numpy(plain.kernel), _merged_kernel_oracle(layer), atol=1e-6
-            )
+            assert_close(to_numpy(plain.kernel), _merged_kernel_oracle(layer))
     # The LoRA model is untouched by merging.
     for key, (_, value) in lora_snapshot.items():
         variable = next(v for v in lora.weights if id(v) == key)
-        np.testing.assert_array_equal(to_numpy(variable), value)
+        assert_exact(to_numpy(variable), value)
     prompt = {
         "token_ids": x["token_ids"][:1],
         "padding_mask": x["padding_mask"][:1],
@@ -79,7 +78,7 @@ def test_causal_lm_merge_equals_unmerged_and_generates_same_tokens(
     merged.compile(sampler="greedy")
     a = lora.generate(prompt, max_length=6, stop_token_ids=None)
     b = merged.generate(prompt, max_length=6, stop_token_ids=None)
-    np.testing.assert_array_equal(a["token_ids"], b["token_ids"])
+    assert_exact(a["token_ids"], b["token_ids"])
 
 
 def test_reversible_embedding_untied_has_reverse_adapter():
@@ -109,13 +108,10 @@ def test_merge_twice_is_refused_and_unload_gives_the_base():
         kl.merge(merged)
     unloaded = kl.unload(lora)
     assert type(unloaded) is type(model)
-    np.testing.assert_allclose(
-        to_numpy(unloaded.predict(x, verbose=0)), base_out, atol=1e-6
-    )
-    np.testing.assert_allclose(
+    assert_close(to_numpy(unloaded.predict(x, verbose=0)), base_out)
+    assert_close(
         to_numpy(merged.predict(x, verbose=0)),
         to_numpy(lora.predict(x, verbose=0)),
-        atol=1e-5,
     )
 
 
@@ -131,23 +127,14 @@ def test_merge_adapters_in_place_round_trip_is_bit_exact(rng):
     unmerged_out = to_numpy(lora.predict(x, verbose=0))
     kl.merge_adapters(lora)
     assert layer.merged
-    np.testing.assert_allclose(
-        to_numpy(lora.predict(x, verbose=0)), unmerged_out, rtol=1e-5, atol=1e-1
-    )
+    assert_close(to_numpy(lora.predict(x, verbose=0)), unmerged_out)
     with pytest.raises(ValueError, match="already merged"):
         kl.merge_adapters(lora)
     # merge() of an in-place merged model does not add the update twice.
-    np.testing.assert_allclose(
-        to_numpy(kl.merge(lora).predict(x, verbose=0)),
-        unmerged_out,
-        rtol=1e-5,
-        atol=1e-1,
-    )
+    assert_close(to_numpy(kl.merge(lora).predict(x, verbose=0)), unmerged_out)
     kl.unmerge_adapters(lora)
-    np.testing.assert_array_equal(to_numpy(layer.kernel), original)
-    np.testing.assert_array_equal(
-        to_numpy(lora.predict(x, verbose=0)), unmerged_out
-    )
+    assert_exact(to_numpy(layer.kernel), original)
+    assert_exact(to_numpy(lora.predict(x, verbose=0)), unmerged_out)
 
 
 def test_head_survives_merge_save_and_load(tmp_path, rng):
@@ -176,9 +163,7 @@ def test_head_survives_merge_save_and_load(tmp_path, rng):
     path = str(tmp_path / "merged.keras")
     merged.save(path)
     reloaded = keras.saving.load_model(path)
-    np.testing.assert_allclose(
-        to_numpy(reloaded(x)), to_numpy(lora(x)), atol=1e-5
-    )
+    assert_close(to_numpy(reloaded(x)), to_numpy(lora(x)))
 
 
 def test_merged_model_loads_without_keras_lora(tmp_path, rng):
@@ -210,4 +195,4 @@ def test_merged_model_loads_without_keras_lora(tmp_path, rng):
         env=dict(os.environ),
         capture_output=True,
     )
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-5)
+    assert_close(np.load(tmp_path / "y.npy"), expected)

@@ -9,6 +9,9 @@ import keras
 import numpy as np
 import pytest
 from conftest import to_numpy
+from numerics import assert_close
+from numerics import assert_exact
+from numerics import close
 
 import keras_lora
 from keras_lora import multi
@@ -78,15 +81,15 @@ def test_add_activate_delete(lm):
     out_default = to_numpy(model(ids))
     multi.set_active_adapter(model, "b")
     out_b = to_numpy(model(ids))
-    assert not np.allclose(out_b, out_default)
+    assert not close(out_b, out_default)
     dense = model.get_layer("dense")
-    np.testing.assert_array_equal(
+    assert_exact(
         to_numpy(dense.lora_a),
         multi.adapter_tensors(model, "b")["dense.lora_a"],
     )
     # Switching back restores "default" exactly.
     multi.set_active_adapter(model, "default")
-    np.testing.assert_array_equal(to_numpy(model(ids)), out_default)
+    assert_exact(to_numpy(model(ids)), out_default)
     with pytest.raises(ValueError, match="Cannot delete the active"):
         multi.delete_adapter(model, "default")
     multi.delete_adapter(model, "c")
@@ -105,7 +108,7 @@ def test_trained_active_adapter_is_kept_when_switching(lm):
     dense.lora_b.assign(np.full((2, DIM), 0.5, "float32"))
     multi.set_active_adapter(model, "b")
     multi.set_active_adapter(model, "default")
-    np.testing.assert_array_equal(to_numpy(dense.lora_b), 0.5)
+    assert_exact(to_numpy(dense.lora_b), 0.5)
 
 
 def test_fresh_adapter_is_the_base_model_and_disable(lm):
@@ -114,12 +117,12 @@ def test_fresh_adapter_is_the_base_model_and_disable(lm):
         base = to_numpy(model(ids))
     multi.add_adapter(model, "fresh")
     multi.set_active_adapter(model, "fresh")
-    np.testing.assert_allclose(to_numpy(model(ids)), base, atol=1e-6)
+    assert_close(to_numpy(model(ids)), base)
     multi.set_active_adapter(model, "b")
     with_b = to_numpy(model(ids))
     with multi.disable_adapters(model):
-        np.testing.assert_array_equal(to_numpy(model(ids)), base)
-    np.testing.assert_array_equal(to_numpy(model(ids)), with_b)
+        assert_exact(to_numpy(model(ids)), base)
+    assert_exact(to_numpy(model(ids)), with_b)
 
 
 def test_disable_matches_numpy_base_model():
@@ -131,8 +134,8 @@ def test_disable_matches_numpy_base_model():
     x = np.random.default_rng(0).normal(size=(2, 4)).astype("float32")
     expected = x @ to_numpy(layer.kernel) + to_numpy(layer.bias)
     with multi.disable_adapters(model):
-        np.testing.assert_allclose(to_numpy(model(x)), expected, atol=1e-6)
-    assert not np.allclose(to_numpy(model(x)), expected)
+        assert_close(to_numpy(model(x)), expected)
+    assert not close(to_numpy(model(x)), expected)
 
 
 def test_combine_is_peft_linear(lm):
@@ -149,15 +152,13 @@ def test_combine_is_peft_linear(lm):
                 entry = layer.adapter_bank.adapters[name]
                 s = entry["alpha"] / layer.adapter_rank
                 expected = expected + np.sqrt(w * s) * entry["values"][var]
-            np.testing.assert_allclose(
-                to_numpy(getattr(layer, var)), expected, rtol=1e-6, atol=1e-7
-            )
+            assert_close(to_numpy(getattr(layer, var)), expected)
     # One adapter with weight 1 reproduces it.
     multi.set_active_adapter(model, "b")
     out_b = to_numpy(model(ids))
     multi.combine_adapters(model, {"b": 1.0}, "b_again")
     multi.set_active_adapter(model, "b_again")
-    np.testing.assert_allclose(to_numpy(model(ids)), out_b, atol=1e-5)
+    assert_close(to_numpy(model(ids)), out_b)
     with pytest.raises(ValueError, match=r"weights\['b'\]=-1"):
         multi.combine_adapters(model, {"b": -1}, "neg")
     with pytest.raises(ValueError, match="No adapter named 'zz'"):
@@ -169,12 +170,10 @@ def test_mixed_batch_eager_equals_per_example(lm):
     adapter_ids = np.array([2, 0, 1, 2], "int32")
     expected = per_example_reference(model, ids, adapter_ids)
     out = to_numpy(multi.mixed_batch_call(model, ids, adapter_ids))
-    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert_close(out, expected)
     # Outside the context the model is the single-adapter model again.
-    np.testing.assert_allclose(
-        to_numpy(model(ids)),
-        per_example_reference(model, ids, [0, 0, 0, 0]),
-        atol=1e-5,
+    assert_close(
+        to_numpy(model(ids)), per_example_reference(model, ids, [0, 0, 0, 0])
     )
     with pytest.raises(ValueError, match="rank-1 integer"):
         multi.mixed_batch_call(model, ids, np.zeros((4, 1), "int32"))
@@ -206,7 +205,7 @@ def test_mixed_batch_dense_numpy_oracle():
         ]
     )
     out = to_numpy(multi.mixed_batch_call(model, x, k))
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert_close(out, expected)
 
 
 def _jit(fn):
@@ -249,13 +248,11 @@ def test_mixed_batch_compiled_equals_per_example(lm):
     expected = per_example_reference(model, ids, adapter_ids)
     fn = _jit(lambda x, k: multi.mixed_batch_call(model, x, k))
     out = to_numpy(fn(ids, adapter_ids))
-    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert_close(out, expected)
     # Another assignment of adapters, same compiled function.
     adapter_ids = np.array([0, 0, 2, 2], "int32")
     out = to_numpy(fn(ids, adapter_ids))
-    np.testing.assert_allclose(
-        out, per_example_reference(model, ids, adapter_ids), atol=1e-5
-    )
+    assert_close(out, per_example_reference(model, ids, adapter_ids))
 
 
 def test_single_adapter_path_untouched_without_banks():
@@ -278,6 +275,7 @@ _SAVED_MODEL = textwrap.dedent(
     import keras
     sys.path.insert(0, {tests!r})
     from keras_lora import multi
+    from numerics import assert_close
     from test_multi_adapter import lm_model, random_adapter, assign
     from test_multi_adapter import per_example_reference, SEQ, VOCAB
     keras.utils.set_random_seed(0)
@@ -297,7 +295,7 @@ _SAVED_MODEL = textwrap.dedent(
     loaded = tf.saved_model.load({path!r})
     out = loaded.serve(tf.constant(ids), tf.constant(k)).numpy()
     print("max_abs_diff", float(np.max(np.abs(out - expected))))
-    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert_close(out, expected)
     fn = loaded.signatures["serve"]
     print("signature", sorted(fn.structured_input_signature[1]))
     """
