@@ -78,6 +78,7 @@ def bench_model(name, batch_size, seq_len, rank, warmup, steps):
         "merged_vs_unmerged_max_abs_diff": float(
             np.max(np.abs(unmerged_out - merged_out))
         ),
+        "unmerged_max_abs": float(np.max(np.abs(unmerged_out))),
         "variants": {
             v: {**common.time_stats(t), "times_s": t} for v, t in times.items()
         },

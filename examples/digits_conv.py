@@ -153,14 +153,8 @@ def main(argv=None):
         return 1
 
     merged = keras_lora.merge(lora_model)
-    diff = float(
-        np.max(
-            np.abs(
-                merged.predict(xt_new, verbose=0)
-                - lora_model.predict(xt_new, verbose=0)
-            )
-        )
-    )
+    lora_out = lora_model.predict(xt_new, verbose=0)
+    diff = float(np.max(np.abs(merged.predict(xt_new, verbose=0) - lora_out)))
     export = keras_lora.export_saved_model(
         lora_model,
         os.path.join(args.output, "saved_model"),
@@ -182,7 +176,9 @@ def main(argv=None):
         "trainable_params": trainable,
         "total_params": total,
         "merge_max_abs_diff": diff,
+        "output_max_abs": float(np.max(np.abs(lora_out))),
         "saved_model_max_abs_diff": export.max_abs_diff,
+        "saved_model_output_max_abs": export.output_max_abs,
     }
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -184,14 +184,11 @@ def main(argv=None):
         [PROMPT], sequence_length=seq_len
     )
     x = {k: keras.ops.convert_to_numpy(v) for k, v in x.items()}
+    lora_logits = keras.ops.convert_to_numpy(lora_model(x))
     same_logits = float(
-        np.max(
-            np.abs(
-                keras.ops.convert_to_numpy(merged(x))
-                - keras.ops.convert_to_numpy(lora_model(x))
-            )
-        )
+        np.max(np.abs(keras.ops.convert_to_numpy(merged(x)) - lora_logits))
     )
+    logits_max_abs = float(np.max(np.abs(lora_logits)))
     print(
         f"[3/4] generate({PROMPT!r}):\n      LoRA:   {lora_text!r}\n"
         f"      merged: {merged_text!r}\n      logits max abs diff "
@@ -223,7 +220,9 @@ def main(argv=None):
                 "generate_lora": lora_text,
                 "generate_merged": merged_text,
                 "merge_logits_max_abs_diff": same_logits,
+                "logits_max_abs": logits_max_abs,
                 "saved_model_max_abs_diff": export.max_abs_diff,
+                "saved_model_output_max_abs": export.output_max_abs,
             },
             f,
             indent=2,

@@ -50,6 +50,9 @@ class SavedModelExport:
         max_abs_diff: float or None, the largest absolute difference between
             the LoRA model's outputs and the reloaded SavedModel's `serve`
             outputs on `check_inputs` (None when no check was asked for).
+        output_max_abs: float or None, the largest magnitude of the LoRA
+            model's outputs on `check_inputs`: `max_abs_diff` relative to
+            it is the check's relative error.
         seconds: float, wall time of the export.
         method: `"in-process"` (TensorFlow backend) or `"subprocess"`.
     """
@@ -58,6 +61,7 @@ class SavedModelExport:
     signatures: list
     variables: list
     max_abs_diff: float = None
+    output_max_abs: float = None
     seconds: float = 0.0
     method: str = ""
 
@@ -343,6 +347,7 @@ def _compare(expected, actual, atol, rtol):
             f"returns {len(expected_leaves)}."
         )
     worst = 0.0
+    largest = 0.0
     for e, a in zip(expected_leaves, actual_leaves, strict=True):
         e = np.asarray(e, dtype="float64")
         a = np.asarray(a, dtype="float64")
@@ -356,13 +361,14 @@ def _compare(expected, actual, atol, rtol):
         # Rounding differences scale with the output's magnitude, so rtol
         # is relative to the output's largest magnitude.
         scale = float(np.abs(e).max()) if e.size else 0.0
+        largest = max(largest, scale)
         if not np.all(diff <= atol + rtol * scale):
             raise ExportError(
                 "The reloaded SavedModel's `serve` outputs differ from the "
                 f"model's: max abs diff {float(diff.max()):.3g} > atol={atol}"
                 f" + rtol={rtol} * max |output| ({scale:.3g})."
             )
-    return worst
+    return worst, largest
 
 
 def export_saved_model(
@@ -503,9 +509,11 @@ def export_saved_model(
             raise ExportError(
                 f"The SavedModel holds adapter variables: {leaked}"
             )
-        max_abs_diff = None
+        max_abs_diff = output_max_abs = None
         if expected is not None:
-            max_abs_diff = _compare(expected, report["outputs"], atol, rtol)
+            max_abs_diff, output_max_abs = _compare(
+                expected, report["outputs"], atol, rtol
+            )
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(out, path)
@@ -516,6 +524,7 @@ def export_saved_model(
         signatures=report["signatures"],
         variables=report["variables"],
         max_abs_diff=max_abs_diff,
+        output_max_abs=output_max_abs,
         seconds=time.perf_counter() - start,
         method="in-process" if in_process else "subprocess",
     )

@@ -9,7 +9,7 @@ here allows
 
     |actual - expected| <= ulps * eps(dtype) * (|expected| + scale)
 
-elementwise, where ``scale`` is the largest magnitude in the compared arrays
+elementwise, where ``scale`` is the largest magnitude of the expected values
 (the rounding error of a sum or a product of arrays is bounded relative to
 the terms' magnitude, and cancellation can leave a small element carrying
 the error of a large one). ``ulps`` says how many units of rounding the
@@ -19,6 +19,10 @@ whole transformer, a training step) pass a larger count and say why.
 
 Exact equality (``assert_exact``) is for operations that are exact: copies,
 reloads, merge then unmerge, the same kernel on the same input.
+
+The rule is a norm-wise bound: an element much smaller than the largest one
+is allowed the largest one's rounding. `ulps * eps(dtype)` is capped at 1/16
+so that no call can allow errors near the values themselves.
 """
 
 import numpy as np
@@ -38,7 +42,10 @@ DEFAULT_ULPS = 64
 
 
 def _as_array(x):
-    return np.asarray(_as_array_keep_dtype(x), dtype="float64")
+    x = np.asarray(_as_array_keep_dtype(x))
+    if np.iscomplexobj(x):
+        raise TypeError("complex values are not compared here")
+    return x.astype("float64")
 
 
 def eps(dtype):
@@ -52,25 +59,35 @@ def eps(dtype):
     return EPS[name]
 
 
-def tolerance(expected, actual=None, *, dtype="float32", ulps=None, scale=None):
+def _relative_bound(dtype, ulps):
+    ulps = DEFAULT_ULPS if ulps is None else ulps
+    k = ulps * eps(dtype)
+    # A bound near 1 would pass nearly anything: refuse it.
+    if not 0 < k <= 1 / 16:
+        raise ValueError(
+            f"ulps * eps({dtype}) = {k:.3g} must be in (0, 1/16]: that "
+            f"many ulps allow errors near the values themselves. Received: "
+            f"ulps={ulps}"
+        )
+    return k
+
+
+def tolerance(expected, *, dtype="float32", ulps=None, scale=None):
     """The elementwise bound used by `assert_close`, as an array."""
     expected = _as_array(expected)
+    k = _relative_bound(dtype, ulps)
     if scale is None:
         scale = np.max(np.abs(expected), initial=0.0)
-        if actual is not None:
-            scale = max(scale, np.max(np.abs(_as_array(actual)), initial=0.0))
-    ulps = DEFAULT_ULPS if ulps is None else ulps
-    return ulps * eps(dtype) * (np.abs(expected) + scale)
+    return k * (np.abs(expected) + scale)
 
 
 def close(actual, expected, *, dtype="float32", ulps=None, scale=None):
-    """True where `assert_close` would pass (same rule, as a bool)."""
-    actual, expected = _as_array(actual), _as_array(expected)
-    if actual.shape != expected.shape:
+    """True where `assert_close` would pass (the same rule, as a bool)."""
+    try:
+        assert_close(actual, expected, dtype=dtype, ulps=ulps, scale=scale)
+    except AssertionError:
         return False
-    bound = tolerance(expected, actual, dtype=dtype, ulps=ulps, scale=scale)
-    with np.errstate(invalid="ignore"):
-        return bool(np.all(np.abs(actual - expected) <= bound))
+    return True
 
 
 def assert_close(
@@ -84,26 +101,26 @@ def assert_close(
         dtype: the dtype the compared computation ran in ("float32" by
             default; "float16", "bfloat16", "float64", or a dtype policy
             name such as "mixed_bfloat16").
-        ulps: rounding units allowed (default `DEFAULT_ULPS`).
+        ulps: rounding units allowed (default `DEFAULT_ULPS`);
+            `ulps * eps(dtype)` may be at most 1/16.
         scale: the magnitude the error is relative to (default: the largest
-            magnitude in `actual` and `expected`). Pass it where the
-            compared values are much smaller than the terms that produced
-            them, e.g. a difference of two large outputs.
+            magnitude in `expected`). Pass it where the compared values are
+            much smaller than the terms that produced them, e.g. a
+            difference of two large outputs.
         err_msg: text added to the failure message.
     """
-    actual_arr, expected_arr = _as_array(actual), _as_array(expected)
-    assert actual_arr.shape == expected_arr.shape, (
-        f"shape {actual_arr.shape} != expected {expected_arr.shape}. {err_msg}"
+    a, e = _as_array(actual), _as_array(expected)
+    assert a.shape == e.shape, (
+        f"shape {a.shape} != expected {e.shape}. {err_msg}"
     )
-    assert np.all(np.isfinite(actual_arr) == np.isfinite(expected_arr)), (
-        f"non-finite values differ. {err_msg}"
-    )
-    finite = np.isfinite(expected_arr)
-    assert np.all(actual_arr[~finite] == expected_arr[~finite]) or np.all(
-        np.isnan(actual_arr[~finite]) & np.isnan(expected_arr[~finite])
+    finite = np.isfinite(e)
+    assert np.array_equal(a[~finite], e[~finite], equal_nan=True) and (
+        np.all(np.isfinite(a[finite]))
     ), f"non-finite values differ. {err_msg}"
-    a, e = actual_arr[finite], expected_arr[finite]
-    bound = tolerance(e, a, dtype=dtype, ulps=ulps, scale=scale)
+    if scale is None:
+        scale = np.max(np.abs(e[finite]), initial=0.0)
+    bound = tolerance(e[finite], dtype=dtype, ulps=ulps, scale=scale)
+    a, e = a[finite], e[finite]
     err = np.abs(a - e)
     if np.all(err <= bound):
         return
@@ -113,23 +130,32 @@ def assert_close(
         f"{int(np.sum(err > bound))} of {err.size} elements differ; worst "
         f"|actual - expected| = {err.flat[worst]:.3g} at expected value "
         f"{e.flat[worst]:.6g} (allowed {bound.flat[worst]:.3g}; largest "
-        f"difference {err.max():.3g}, largest magnitude "
-        f"{max(np.abs(e).max(initial=0), np.abs(a).max(initial=0)):.3g}). "
-        f"{err_msg}"
+        f"difference {err.max():.3g}, scale {scale:.3g}). {err_msg}"
+    )
+
+
+def assert_diff_within(max_abs_diff, scale, *, dtype="float32", ulps=None):
+    """For reports that give only the largest difference of two outputs and
+    the outputs' largest magnitude: the same bound as `assert_close` at its
+    loosest element, `2 * ulps * eps(dtype) * scale`."""
+    assert max_abs_diff is not None and scale is not None
+    k = _relative_bound(dtype, ulps)
+    assert 0 <= max_abs_diff <= 2 * k * scale, (
+        f"max abs diff {max_abs_diff:.3g} > {2 * k * scale:.3g} "
+        f"({ulps or DEFAULT_ULPS} ulps of {dtype} at magnitude {scale:.3g})"
     )
 
 
 def assert_exact(actual, expected, err_msg=""):
-    """Bit-for-bit equality (same shape, same values, NaN == NaN)."""
-    np.testing.assert_array_equal(
-        np.asarray(_as_array_keep_dtype(actual)),
-        np.asarray(_as_array_keep_dtype(expected)),
-        err_msg=err_msg,
-    )
+    """Equality of every value (same shape, no broadcasting; NaN == NaN)."""
+    a = np.asarray(_as_array_keep_dtype(actual))
+    e = np.asarray(_as_array_keep_dtype(expected))
+    assert a.shape == e.shape, f"shape {a.shape} != {e.shape}. {err_msg}"
+    np.testing.assert_array_equal(a, e, err_msg=err_msg)
 
 
 def _as_array_keep_dtype(x):
-    if isinstance(x, np.ndarray | np.generic | float | int | list):
+    if isinstance(x, np.ndarray | np.generic | float | int | list | tuple):
         return np.asarray(x)
     import keras
 

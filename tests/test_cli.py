@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 from numerics import assert_close
+from numerics import assert_diff_within
 
 from keras_lora import cli
 from keras_lora import data as kl_data
@@ -288,8 +289,15 @@ def test_quick_run_end_to_end_in_a_subprocess(tmp_path):
     assert summary["backend"] == "tensorflow"
     assert summary["gain"] >= 0.1
     assert summary["held_out_after"]["mae"] < summary["held_out_before"]["mae"]
-    assert summary["saved_model_max_abs_diff"] < 1e-4
-    assert summary["merge_max_abs_diff"] < 1e-4
+    # Whole BERT models, merged kernels against unmerged branches.
+    assert_diff_within(
+        summary["saved_model_max_abs_diff"],
+        summary["saved_model_output_max_abs"],
+        ulps=256,
+    )
+    assert_diff_within(
+        summary["merge_max_abs_diff"], summary["output_max_abs"], ulps=256
+    )
     assert summary["adapter_file_bytes"] * 50 < summary["full_model_bytes"]
     assert summary["lora_layers"] == 12
     for name in (

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import pytest
 from numerics import assert_close
+from numerics import assert_diff_within
 
 import keras_lora
 from keras_lora.distribution import adapter_layout
@@ -364,8 +365,10 @@ out["mp"] = {
     "layouts": mp_layouts, "loss": mp_loss,
     "merged_layouts": variable_layouts(merged),
     "merged_vs_lora": float(np.max(np.abs(merged_logits - logits))),
+    "logits_max_abs": float(np.max(np.abs(logits))),
     "merged_has_adapters": any("lora" in v.path for v in merged.variables),
     "export_diff": report.max_abs_diff,
+    "export_scale": report.output_max_abs,
     "export_variables": list(report.variables),
     "full_map": {k: list(full[k].axes) for k in full},
 }
@@ -377,6 +380,8 @@ out["single"] = {"loss": single_loss}
 out["mp_vs_single_adapters"] = max(
     float(np.max(np.abs(mp_adapters[k] - single_adapters[k])))
     for k in single_adapters)
+out["adapters_max_abs"] = max(
+    float(np.max(np.abs(v))) for v in single_adapters.values())
 
 with D.DataParallel(devices=devices).scope():
     dp = lora_gemma()
@@ -477,10 +482,13 @@ def test_jax_gemma_training_loss_matches_one_device(jax_report):
     assert len(single) == 2 and single[1] < single[0]
     # Losses after training steps through a whole model, with reductions
     # split across devices: rounding of many chained ops.
-    assert_close(jax_report["mp"]["loss"], single, ulps=256)
-    assert_close(jax_report["dp"]["loss"], single, ulps=256)
-    assert jax_report["mp_vs_single_adapters"] < 1e-5
-    assert jax_report["dp_vs_single_adapters"] < 1e-5
+    assert_close(jax_report["mp"]["loss"], single, ulps=128)
+    assert_close(jax_report["dp"]["loss"], single, ulps=128)
+    # Adapters after training steps, reductions split across devices.
+    for key in ("mp_vs_single_adapters", "dp_vs_single_adapters"):
+        assert_diff_within(
+            jax_report[key], jax_report["adapters_max_abs"], ulps=256
+        )
     assert all("lora_" in p for p in jax_report["trainable"])
     assert len(jax_report["trainable"]) == 8  # 4 layers x (A, B)
 
@@ -498,12 +506,13 @@ def test_jax_gemma_data_parallel_replicates_everything(jax_report):
 @pytest.mark.slow
 def test_jax_merge_and_export_from_model_parallel(jax_report):
     mp = jax_report["mp"]
-    assert mp["merged_vs_lora"] < 1e-4
+    # A whole decoder, merged against unmerged.
+    assert_diff_within(mp["merged_vs_lora"], mp["logits_max_abs"], ulps=256)
     assert not mp["merged_has_adapters"]
     merged = mp["merged_layouts"]
     kernel = [k for k in merged if k.endswith("attention/query/kernel")][0]
     assert _spec(merged[kernel]) == ["model", "batch", None]
-    assert mp["export_diff"] is not None and mp["export_diff"] < 1e-4
+    assert_diff_within(mp["export_diff"], mp["export_scale"], ulps=256)
     assert not any("lora" in v for v in mp["export_variables"])
 
 
@@ -567,12 +576,15 @@ with strategy.scope():
 out["merged_vs_lora"] = float(np.max(np.abs(
     np.asarray(merged.predict(x, verbose=0))
     - np.asarray(model.predict(x, verbose=0)))))
+out["outputs_max_abs"] = float(np.max(np.abs(
+    np.asarray(model.predict(x, verbose=0)))))
 with tempfile.TemporaryDirectory() as tmp:
     report = export_saved_model(model, os.path.join(tmp, "sm"),
                                 check_inputs=x[:4])
     loaded = tf.saved_model.load(os.path.join(tmp, "sm"))
     served = loaded.serve(x[:4])
 out["export_diff"] = report.max_abs_diff
+out["export_scale"] = report.output_max_abs
 out["served_vs_lora"] = float(np.max(np.abs(
     np.asarray(served) - np.asarray(model.predict(x[:4], verbose=0)))))
 out["export_variables"] = list(report.variables)
@@ -588,6 +600,8 @@ single_adapters = {v.path: np.asarray(v) for v in single.trainable_variables}
 out["adapters_diff"] = max(
     float(np.max(np.abs(adapters[k] - single_adapters[k])))
     for k in single_adapters)
+out["adapters_max_abs"] = max(
+    float(np.max(np.abs(v))) for v in single_adapters.values())
 
 # A LoRA layer built inside the scope trains too.
 with strategy.scope():
@@ -623,11 +637,16 @@ def test_tf_mirrored_strategy_fit_merge_export():
     ]
     assert report["base_unchanged"]
     # Training losses with reductions split across replicas.
-    assert_close(report["loss"], report["single_loss"], ulps=256)
+    assert_close(report["loss"], report["single_loss"], ulps=128)
     assert report["loss"][2] < report["loss"][0]
-    assert report["adapters_diff"] < 1e-5
-    assert report["merged_vs_lora"] < 1e-5
-    assert report["export_diff"] < 1e-4 and report["served_vs_lora"] < 1e-4
+    # Adapters after training steps, reductions split across replicas.
+    assert_diff_within(
+        report["adapters_diff"], report["adapters_max_abs"], ulps=256
+    )
+    scale = report["outputs_max_abs"]
+    assert_diff_within(report["merged_vs_lora"], scale)
+    assert_diff_within(report["export_diff"], report["export_scale"])
+    assert_diff_within(report["served_vs_lora"], scale)
     assert not any("lora" in v for v in report["export_variables"])
     inside = report["inside"]
     assert all(inside["mirrored"].values())
@@ -711,6 +730,8 @@ out = {"single_loss": single_loss,
 out["max_diff_vs_single"] = max(
     float(np.max(np.abs(np.array(r[2][k]) - np.array(single_state[k]))))
     for r in results for k in single_state)
+out["state_max_abs"] = max(
+    float(np.max(np.abs(np.array(v)))) for v in single_state.values())
 out["base_moved"] = max(
     float(np.max(np.abs(np.array(r[2][k]) - np.array(base0[k]))))
     for r in results for k in base0 if "lora" not in k)
@@ -740,7 +761,7 @@ def test_torch_ddp_two_processes_match_one_process():
     # Mean of the two ranks' half-batch losses = the full-batch loss.
     rank_mean = np.mean(report["rank_losses"], axis=0)
     # Training losses with reductions split across processes.
-    assert_close(rank_mean, report["single_loss"], ulps=256)
+    assert_close(rank_mean, report["single_loss"], ulps=128)
     assert report["single_loss"][2] < report["single_loss"][0]
-    assert report["max_diff_vs_single"] < 1e-6
+    assert_diff_within(report["max_diff_vs_single"], report["state_max_abs"])
     assert report["base_moved"] == 0.0

@@ -12,6 +12,7 @@ import os
 
 import keras
 import pytest
+from numerics import assert_diff_within
 
 EXAMPLES = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"
@@ -45,8 +46,13 @@ def test_digits_conv_quick(tmp_path):
     assert s["accuracy_5_9_before"] < 0.4
     assert s["accuracy_5_9_after"] > 0.85
     assert s["trainable_params"] < 0.2 * s["total_params"]
-    assert s["merge_max_abs_diff"] < 1e-4
-    assert s["saved_model_max_abs_diff"] < 1e-4
+    # A small CNN, merged kernels against unmerged branches.
+    assert_diff_within(s["merge_max_abs_diff"], s["output_max_abs"], ulps=256)
+    assert_diff_within(
+        s["saved_model_max_abs_diff"],
+        s["saved_model_output_max_abs"],
+        ulps=256,
+    )
     assert (tmp_path / "saved_model" / "saved_model.pb").exists()
 
 
@@ -57,8 +63,15 @@ def test_gemma_causal_lm_quick(tmp_path):
     assert s["loss_after"] < 0.8 * s["loss_before"]
     assert s["generate_lora"] == s["generate_merged"]
     assert s["generate_lora"].startswith(example.PROMPT)
-    assert s["merge_logits_max_abs_diff"] < 1e-4
-    assert s["saved_model_max_abs_diff"] < 1e-4
+    # A whole decoder, merged kernels against unmerged branches.
+    assert_diff_within(
+        s["merge_logits_max_abs_diff"], s["logits_max_abs"], ulps=256
+    )
+    assert_diff_within(
+        s["saved_model_max_abs_diff"],
+        s["saved_model_output_max_abs"],
+        ulps=256,
+    )
 
 
 def test_zen_tokenizer_has_gemma_special_tokens():

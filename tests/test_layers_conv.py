@@ -57,7 +57,9 @@ def _plain_conv_error(layer, x):
     return None
 
 
-def _check_where_plain_conv_fails(layer, x, rng, error, backend_quirk):
+def _check_where_plain_conv_fails(
+    layer, x, rng, error, backend_quirk, expected_scale
+):
     """The plain Conv2D fails here: the LoRA layer fails the same way (never
     a different result), and the merge math (which needs no convolution) is
     still checked against the oracle."""
@@ -73,38 +75,48 @@ def _check_where_plain_conv_fails(layer, x, rng, error, backend_quirk):
     assert delta.shape == tuple(layer.kernel.shape)
     assert_close(
         delta,
-        ref.conv_delta(np_(layer.lora_a), np_(layer.lora_b), layer.scaling),
+        ref.conv_delta(np_(layer.lora_a), np_(layer.lora_b), expected_scale),
     )
     assert tuple(layer.merge().kernel.shape) == tuple(layer.kernel.shape)
 
 
-def _plain_keras_lora(layer, x):
-    """The LoRA layer's output computed with plain Keras Conv2D layers only:
-    the base conv, a conv with A (one copy per group) into rank channels
-    per group, a 1x1 grouped conv with s * B, summed."""
+def _plain_keras_lora(layer, x, a, b, s):
+    """The LoRA output built from plain Keras Conv2D layers and NumPy only,
+    without the layer's own branch code: the base conv, then per group a
+    plain conv of that group's input channels with A into `rank` channels
+    and a NumPy product with that group's columns of s * B."""
     config = layer.base_config()
-    g, r = layer.groups, layer.adapter_rank
+    g = layer.groups
+    channels_last = layer.data_format == "channels_last"
     base = keras.layers.Conv2D.from_config(config)
     base.build(x.shape)
-    base.set_weights([np_(w) for w in (layer.kernel, layer.bias)])
-    a_conv = keras.layers.Conv2D.from_config(
-        {**config, "filters": g * r, "use_bias": False, "name": "a"}
-    )
-    a_conv.build(x.shape)
-    a_conv.set_weights([np.tile(np_(layer.lora_a), (1, 1, 1, g))])
-    b_conv = keras.layers.Conv2D(
-        layer.filters,
-        1,
-        groups=g,
-        use_bias=False,
-        data_format=layer.data_format,
-    )
-    h = a_conv(x)
-    b_conv.build(h.shape)
-    b_conv.set_weights(
-        [layer.scaling * np_(layer.lora_b).reshape(1, 1, r, layer.filters)]
-    )
-    return np_(base(x)) + np_(b_conv(h))
+    base.set_weights([np_(layer.kernel), np_(layer.bias)])
+    out = np_(base(x)).astype("float64")
+    cg, fg = a.shape[2], layer.filters // g
+    for i in range(g):
+        xg = (
+            x[..., i * cg : (i + 1) * cg]
+            if channels_last
+            else x[:, i * cg : (i + 1) * cg]
+        )
+        conv = keras.layers.Conv2D.from_config(
+            {
+                **config,
+                "filters": a.shape[3],
+                "groups": 1,
+                "use_bias": False,
+                "name": f"a{i}",
+            }
+        )
+        conv.build(xg.shape)
+        conv.set_weights([a])
+        h = np_(conv(xg)).astype("float64")
+        bg = s * b[:, i * fg : (i + 1) * fg].astype("float64")
+        if channels_last:
+            out[..., i * fg : (i + 1) * fg] += h @ bg
+        else:
+            out[:, i * fg : (i + 1) * fg] += np.einsum("nrhw,rf->nfhw", h, bg)
+    return out
 
 
 def _pair(v):
@@ -140,7 +152,7 @@ def test_conv_combination_matches_oracle(
     layer.build(x.shape)
     error = _plain_conv_error(layer, x)
     if error is not None:
-        _check_where_plain_conv_fails(layer, x, rng, error, backend_quirk)
+        _check_where_plain_conv_fails(layer, x, rng, error, backend_quirk, 1.5)
         return
     base_out = np_(layer(x))
     assert tuple(layer.lora_a.shape) == (3, 3, 4 // groups, 2)
@@ -178,10 +190,13 @@ def test_conv_combination_matches_oracle(
     else:
         # Held to the plain layers: the base plus the branch computed with
         # plain Keras convolutions in the same configuration.
-        assert_close(out, _plain_keras_lora(layer, x))
+        assert_close(out, _plain_keras_lora(layer, x, a, b, 1.5))
+    assert layer.scaling == 1.5
     merged = layer.merge()
     assert type(merged) is keras.layers.Conv2D
     assert tuple(merged.kernel.shape) == tuple(layer.kernel.shape)
+    # The merged kernel against the oracle (no convolution involved).
+    assert_close(np_(merged.kernel), kernel + ref.conv_delta(a, b, 1.5))
     assert_close(np_(merged(x)), out)
 
 
@@ -239,7 +254,7 @@ def test_c08_update_has_kernel_shape(rng, backend_quirk, data_format):
     if error is not None:
         layer = kl.LoRAConv2D(5, 3, data_format=data_format, rank=2, alpha=4)
         layer.build(x.shape)
-        _check_where_plain_conv_fails(layer, x, rng, error, backend_quirk)
+        _check_where_plain_conv_fails(layer, x, rng, error, backend_quirk, 2.0)
         return
     base_out = np_(conv(x))
     layer = kl.LoRAConv2D.from_layer(conv, rank=2, alpha=4)

@@ -108,7 +108,7 @@ def test_trained_active_adapter_is_kept_when_switching(lm):
     dense.lora_b.assign(np.full((2, DIM), 0.5, "float32"))
     multi.set_active_adapter(model, "b")
     multi.set_active_adapter(model, "default")
-    assert_exact(to_numpy(dense.lora_b), 0.5)
+    assert_exact(to_numpy(dense.lora_b), np.full((2, DIM), 0.5, "float32"))
 
 
 def test_fresh_adapter_is_the_base_model_and_disable(lm):
@@ -152,7 +152,8 @@ def test_combine_is_peft_linear(lm):
                 entry = layer.adapter_bank.adapters[name]
                 s = entry["alpha"] / layer.adapter_rank
                 expected = expected + np.sqrt(w * s) * entry["values"][var]
-            assert_close(to_numpy(getattr(layer, var)), expected)
+            # A sum of two products: a few roundings.
+            assert_close(to_numpy(getattr(layer, var)), expected, ulps=8)
     # One adapter with weight 1 reproduces it.
     multi.set_active_adapter(model, "b")
     out_b = to_numpy(model(ids))

@@ -41,7 +41,7 @@ def test_bound_follows_dtype_and_scale():
     # One bfloat16 ulp of error passes for bfloat16, fails for float32.
     expected = np.array([1.0, 2.0, 3.0])
     actual = expected * (1 + EPS["bfloat16"])
-    assert close(actual, expected, dtype="bfloat16")
+    assert close(actual, expected, dtype="bfloat16", ulps=4)
     assert not close(actual, expected, dtype="float32")
     # A small value next to large ones may carry the large ones' rounding;
     # `scale` widens the bound for differences of large outputs.
@@ -50,6 +50,21 @@ def test_bound_follows_dtype_and_scale():
     assert close(np.array([1e-3]), np.array([0.0]), scale=1e3)
     with pytest.raises(ValueError, match="dtype"):
         eps("int8")
+    # A wrong value cannot widen its own bound, and no call may allow
+    # errors near the values themselves (ulps * eps capped at 1/16).
+    assert not close(3 * expected, expected, dtype="bfloat16", ulps=8)
+    with pytest.raises(ValueError, match="ulps"):
+        close(expected, expected, dtype="bfloat16", ulps=64)
+
+
+def test_report_bound_is_relative():
+    """`assert_diff_within` (for reports that give only a max abs diff):
+    the same diff passes at a large magnitude and fails at a small one."""
+    from numerics import assert_diff_within
+
+    assert_diff_within(3.05e-5, 156.0)
+    with pytest.raises(AssertionError, match="max abs diff"):
+        assert_diff_within(3.05e-5, 1.0)
 
 
 def test_shapes_and_non_finite_values_must_match():
@@ -59,6 +74,12 @@ def test_shapes_and_non_finite_values_must_match():
         assert_close(np.array([np.nan, 1.0]), np.array([0.0, 1.0]))
     assert_close(np.array([np.inf, 1.0]), np.array([np.inf, 1.0]))
     assert_exact(np.array([np.nan, 1.0]), np.array([np.nan, 1.0]))
+    assert_close(
+        np.array([np.nan, np.inf, 2.0]), np.array([np.nan, np.inf, 2.0])
+    )
+    assert not close(np.array([np.inf, 5.0]), np.array([1.0, 1.0]))
+    with pytest.raises(AssertionError, match="shape"):
+        assert_exact(np.zeros((3, 4)), 0.0)
     with pytest.raises(AssertionError):
         assert_exact(np.float32(1.0), np.float32(1.0) + np.float32(2**-23))
 
