@@ -60,3 +60,122 @@ def refresh_torch_params(layer):
 def track_variable(layer, variable):
     """Registers an existing variable as one of `layer`'s own."""
     layer._track_variable(variable)
+
+
+def saveable_tree(root, list_name):
+    """Yields `(path, obj)` for every Keras saveable under `root`.
+
+    The paths are the ones Keras's saving library gives objects in `.keras`
+    and `.weights.h5` files: attribute names, and for an element of a list,
+    tuple or dict the name `list_name(obj)` (Keras uses the snake-case class
+    name) with a counter for repeats, e.g.
+    `backbone/transformer_layers/gemma_decoder_block_1/attention/query_dense`.
+    They never contain Keras's auto-generated layer names, so a model built
+    twice, in one process or two, gives the same paths. An object reachable
+    at several paths is yielded once, at the first (Keras's visiting order).
+    """
+    from keras.src.saving import saving_lib
+    from keras.src.saving.keras_saveable import KerasSaveable
+
+    visited = set()
+
+    def join(path, name):
+        return f"{path}/{name}" if path else name
+
+    def unique(name, used):
+        if name in used:
+            used[name] += 1
+            return f"{name}_{used[name]}"
+        used[name] = 0
+        return name
+
+    def visit(obj, path):
+        if id(obj) in visited:
+            return
+        visited.add(id(obj))
+        yield path, obj
+        for attr, child in saving_lib._walk_saveable(obj):
+            if isinstance(child, KerasSaveable):
+                yield from visit(child, join(path, attr))
+            elif isinstance(child, (list, dict, tuple)):
+                yield from container(child, join(path, attr), set())
+
+    def container(items, path, seen):
+        if id(items) in seen:
+            return
+        seen.add(id(items))
+        used = {}
+        if isinstance(items, dict):
+            items = list(items.values())
+        for item in items:
+            if isinstance(item, KerasSaveable):
+                yield from visit(
+                    item, join(path, unique(list_name(item), used))
+                )
+            elif isinstance(item, (list, dict, tuple)):
+                name = unique("container", used)
+                yield from container(item, join(path, name), seen)
+
+    yield from visit(root, "")
+
+
+def snake_case(name):
+    """Keras's snake-casing of a class name (as in its saved files)."""
+    from keras.src.utils import naming
+
+    return naming.to_snake_case(name)
+
+
+def own_variables(layer):
+    """A layer's own variables in the order Keras saves them."""
+    return list(layer._trainable_variables) + list(
+        layer._non_trainable_variables
+    )
+
+
+def replace_variables(layer, mapping):
+    """Makes `layer` hold `mapping[id(old)]` wherever it held a variable
+    `old` of `mapping`: its attributes (e.g. `_kernel`), lists and dicts in
+    them (Keras's tracked variable lists), and its tracker's bookkeeping.
+    Returns whether anything was replaced."""
+    replaced = False
+    for key, value in list(vars(layer).items()):
+        if id(value) in mapping:
+            layer.__dict__[key] = mapping[id(value)]
+            replaced = True
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if id(item) in mapping:
+                    value[i] = mapping[id(item)]
+                    replaced = True
+        elif isinstance(value, dict):
+            for k, item in list(value.items()):
+                if id(item) in mapping:
+                    value[k] = mapping[id(item)]
+                    replaced = True
+    tracker = getattr(layer, "_tracker", None)
+    for ids in getattr(tracker, "stored_ids", {}).values():
+        for old in [i for i in ids if i in mapping]:
+            ids.discard(old)
+            ids.add(id(mapping[old]))
+    if replaced:
+        refresh_torch_params(layer)
+    return replaced
+
+
+def register_serializable_name(cls, registered_name):
+    """Makes Keras serialize instances of `cls` under `registered_name`
+    (without registering `cls` as what that name deserializes to)."""
+    from keras.src.saving import object_registration
+
+    object_registration.GLOBAL_CUSTOM_NAMES[cls] = registered_name
+
+
+def remat_mode(layer):
+    """The rematerialization mode a layer was created with (inside a
+    `keras.RematScope`), or None; Keras keeps it out of the config."""
+    return getattr(layer, "_remat_mode", None)
+
+
+def set_remat_mode(layer, mode):
+    layer._remat_mode = mode

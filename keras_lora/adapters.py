@@ -6,8 +6,13 @@ variables (`lora_a`, `lora_b`, and the bias of layers built with
 layer's path, class, rank, alpha, rsLoRA flag, dropout and variable shapes,
 plus the keras_lora and Keras versions, the backend and the base model's class.
 Tensor keys are `<layer path>.<variable name>`, e.g.
-`decoder_block_0/attention/query.lora_a`: a rebuilt model gets each adapter
-on the layer of the same path, never on the layer at the same position.
+`decoder_block_0/attention/query.lora_a`, and the config records each
+layer's stable path too (`keras_lora.walk`: where Keras's saving library
+stores it, never an auto-numbered name). A model built again gets each
+adapter on the layer of the same layer path when every stored path exists in
+it; where Keras numbered names differently (the same architecture built
+twice in one process gives `gemma_backbone_1/...`, unnamed sub-layers get
+new numbers) layers are matched by stable path.
 
 `load_adapters(model, path)` validates everything first (missing, extra and
 mis-shaped keys are listed together in one error) and only then assigns, so a
@@ -23,6 +28,8 @@ import re
 
 import keras
 import numpy as np
+
+from keras_lora.walk import stable_path_of
 
 #: Name of the safetensors metadata entry that holds the JSON config.
 CONFIG_KEY = "keras_lora_config"
@@ -85,8 +92,9 @@ def _layer_variables(layer):
     return variables
 
 
-def _layer_config(layer, variables):
+def _layer_config(layer, variables, stable_path):
     return {
+        "stable_path": stable_path,
         "class": type(layer).__name__,
         "base_class": type(layer).base_class.__name__,
         "rank": int(layer.adapter_rank),
@@ -123,6 +131,7 @@ def adapter_state(model):
         )
     tensors = {}
     layer_configs = {}
+    stable = stable_path_of(model)
     for path, layer in layers.items():
         if not layer.built:
             raise ValueError(
@@ -139,7 +148,7 @@ def adapter_state(model):
             if name == "bias" and layer.merged:
                 value = _to_numpy(layer._original_value("bias"))
             tensors[f"{path}.{name}"] = np.ascontiguousarray(value)
-        layer_configs[path] = _layer_config(layer, variables)
+        layer_configs[path] = _layer_config(layer, variables, stable[id(layer)])
     from keras_lora import __version__
 
     ranks = {c["rank"] for c in layer_configs.values()}
@@ -248,19 +257,84 @@ def _apply_stored_config(model, config):
         ) from e
     layers = config["layers"]
     first = next(iter(layers.values()))
-    # Exact paths: a regex must fullmatch the whole path.
-    exact = {p: re.compile(re.escape(p)) for p in layers}
+    from keras_lora.apply import iter_layers
+
+    names = {path for path, _ in iter_layers(model)}
+    if not set(layers) <= names and all(
+        "stable_path" in c for c in layers.values()
+    ):
+        # Layers by stable path: the same in a model built again, whatever
+        # names Keras numbered.
+        stable = stable_path_of(model)
+
+        def exact(stored):
+            want = layers[stored]["stable_path"]
+            return lambda path, layer: (
+                stable.get(id(layer)) == want
+                and _same_up_to_numbering(stored, path)
+            )
+
+    else:
+        # Files without stable paths: exact layer paths (a regex must
+        # fullmatch the whole path).
+        def exact(stored):
+            return re.compile(re.escape(stored))
+
+    patterns = {p: exact(p) for p in layers}
     return apply_lora(
         model,
         rank=first["rank"],
         alpha=first["alpha"],
-        targets=list(exact.values()),
+        targets=list(patterns.values()),
         dropout=first["dropout"],
         use_rslora=first["use_rslora"],
         train_bias=first["train_bias"],
-        rank_pattern={exact[p]: c["rank"] for p, c in layers.items()},
-        alpha_pattern={exact[p]: c["alpha"] for p, c in layers.items()},
+        rank_pattern={patterns[p]: c["rank"] for p, c in layers.items()},
+        alpha_pattern={patterns[p]: c["alpha"] for p, c in layers.items()},
     )
+
+
+_NUMBERED = re.compile(r"_\d+$")
+
+
+def _same_up_to_numbering(stored_path, model_path):
+    """Whether two layer paths differ only in Keras's numbering of names
+    (`gemma_backbone` / `gemma_backbone_1`, `dense_40` / `dense_85`): a layer
+    named differently by the user is a different layer."""
+    a, b = stored_path.split("/"), model_path.split("/")
+    return len(a) == len(b) and all(
+        _NUMBERED.sub("", x) == _NUMBERED.sub("", y)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def _by_model_paths(model, layers, tensors, config):
+    """Re-keys a file's tensors and layer configs from the layer paths it
+    was saved with to `model`'s layer paths. When every stored layer path
+    exists in `model`, they are kept; otherwise (a model built again gets
+    layer names Keras numbered differently, e.g. `gemma_backbone_1`)
+    layers are matched by stable path (`keras_lora.walk`)."""
+    stored = config.get("layers") or {}
+    if (
+        not stored
+        or set(stored) <= set(layers)
+        or not all("stable_path" in c for c in stored.values())
+    ):
+        # Layer paths that all exist are used as they are.
+        return tensors, stored
+    stable = stable_path_of(model)
+    by_stable = {stable.get(id(layer)): path for path, layer in layers.items()}
+    rename = {
+        old: by_stable[c["stable_path"]]
+        for old, c in stored.items()
+        if c["stable_path"] in by_stable
+        and _same_up_to_numbering(old, by_stable[c["stable_path"]])
+    }
+    renamed = {}
+    for key, value in tensors.items():
+        old, _, name = key.rpartition(".")
+        renamed[f"{rename.get(old, old)}.{name}"] = value
+    return renamed, {rename.get(p, p): c for p, c in stored.items()}
 
 
 def check_adapter_state(layers, tensors):
@@ -349,7 +423,8 @@ def assign_adapter_state(layers, tensors, layer_configs=None):
 
 
 def load_adapters(model, path):
-    """Loads adapters saved by `save_adapters`, matched by layer path.
+    """Loads adapters saved by `save_adapters`, matched by layer path, or by
+    stable path where the model's layer names are numbered differently.
 
     If `model` has no keras_lora layers, LoRA is first applied with the
     stored config (`keras_lora.apply_lora(model, targets=<stored paths>,
@@ -381,7 +456,8 @@ def load_adapters(model, path):
     if not layers:
         model = _apply_stored_config(model, config)
         layers = lora_layers(model)
-    assign_adapter_state(layers, tensors, config.get("layers"))
+    tensors, layer_configs = _by_model_paths(model, layers, tensors, config)
+    assign_adapter_state(layers, tensors, layer_configs)
     reset_compiled_functions(model)
     return model
 

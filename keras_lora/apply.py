@@ -22,6 +22,9 @@ from keras_lora.layers import LoRAReversibleEmbedding
 from keras_lora.layers.base import _plain_subclass
 from keras_lora.layers.base import validate_lora_args
 from keras_lora.layers.einsum_dense import factor_equation
+from keras_lora.saving import attach_plan
+from keras_lora.walk import stable_layer_paths
+from keras_lora.walk import stable_path_of
 
 # Most specific first: ReversibleEmbedding is an Embedding.
 LORA_CLASSES = (
@@ -75,7 +78,8 @@ def lora_layers(model):
     }
 
 
-def _lora_class_for(layer):
+def lora_class_for(layer):
+    """The keras_lora class that adapts `layer`, or None."""
     for cls in LORA_CLASSES:
         if isinstance(layer, cls.base_class) and _plain_subclass(
             type(layer), cls.base_class
@@ -178,7 +182,7 @@ def select_targets(model, targets=None, exclude=None):
             "`model` already has keras_lora layers; merge or unload it first. "
             f"Received: model with adapters at {already}"
         )
-    adaptable = [(p, lay) for p, lay in layers if _lora_class_for(lay)]
+    adaptable = [(p, lay) for p, lay in layers if lora_class_for(lay)]
     if targets is None:
         selected = [
             (p, lay)
@@ -187,7 +191,7 @@ def select_targets(model, targets=None, exclude=None):
         ] or [
             (p, lay)
             for p, lay in adaptable
-            if _lora_class_for(lay) in (LoRADense, LoRAEinsumDense, LoRAConv2D)
+            if lora_class_for(lay) in (LoRADense, LoRAEinsumDense, LoRAConv2D)
         ]
     else:
         unmatched = [
@@ -209,7 +213,7 @@ def select_targets(model, targets=None, exclude=None):
         wrong = [
             f"{p} ({type(lay).__name__})"
             for p, lay in selected
-            if _lora_class_for(lay) is None
+            if lora_class_for(lay) is None
         ]
         if wrong:
             raise TypeError(
@@ -223,17 +227,22 @@ def select_targets(model, targets=None, exclude=None):
             for p, lay in selected
             if not any(_matches(e, p, lay) for e in exclude)
         ]
+    # Sub-layers the model never builds (never calls) are left alone;
+    # `lora_report` lists them.
+    unbuilt = [p for p, lay in selected if not lay.built]
+    selected = [(p, lay) for p, lay in selected if lay.built]
     if not selected:
+        if unbuilt:
+            raise ValueError(
+                "Every layer `targets` selects is unbuilt (the model never "
+                f"calls them): {unbuilt}. Build or call the model on an "
+                "input before apply_lora."
+            )
         raise ValueError(
             "No layer left to adapt (after `exclude`). Layer paths that can "
             f"be adapted: {[p for p, _ in adaptable]}"
         )
     for path, layer in selected:
-        if not layer.built:
-            raise ValueError(
-                f"Layer {path!r} is not built; build or call the model on an "
-                "input before apply_lora."
-            )
         if getattr(layer, "quantization_mode", None):
             raise ValueError(
                 f"Layer {path!r} is quantized (quantization_mode="
@@ -289,52 +298,38 @@ def convert_layer(layer, lora_class, **lora_args):
     return layer
 
 
-def _lora_paths_in_config(serialized, prefix="", found=None):
-    """Paths of the keras_lora layers a serialized model re-creates."""
-    found = set() if found is None else found
-    if isinstance(serialized, list):
-        for item in serialized:
-            _lora_paths_in_config(item, prefix, found)
-    elif isinstance(serialized, dict):
-        config = serialized.get("config")
-        name = config.get("name") if isinstance(config, dict) else None
-        if "class_name" in serialized and isinstance(name, str):
-            path = f"{prefix}/{name}" if prefix else name
-            if str(serialized.get("registered_name")).startswith("keras_lora>"):
-                found.add(path)
-            _lora_paths_in_config(config, path, found)
-        else:
-            for value in serialized.values():
-                _lora_paths_in_config(value, prefix, found)
-    return found
-
-
-def _mark_layers_lost_on_reload(model):
-    """Makes `model.save()` refuse LoRA layers its config does not re-create.
-
-    A LoRA layer that a subclassed layer creates in its `build()` (keras-hub
-    attention projections) is not in the model's config: a `.keras` file
-    would reload it as a plain layer and fail to load its adapter. Saving
-    such a model raises a clear error instead (see `save_own_variables`).
-    """
-    layers = lora_layers(model)
-    try:
-        config = keras.saving.serialize_keras_object(model).get("config", {})
-        in_config = _lora_paths_in_config(config)
-    except Exception:  # noqa: BLE001 - an unserializable model: keep quiet
-        return
-    for path, layer in layers.items():
-        if path in in_config:
-            continue
-        layer._keras_lora_save_error = (
-            f"Cannot save the LoRA layer at {path!r} in a `.keras` file: "
-            f"the model's config does not re-create it (it is built inside "
-            f"the subclassed layer {path.rpartition('/')[0]!r}), so "
-            "`keras.saving.load_model` could not restore its adapter. Save "
-            "the adapters with `keras_lora.save_adapters(model, path)` (and "
-            "restore them with `apply_lora` + `keras_lora.load_adapters`), "
-            "or save `keras_lora.merge(model)`."
-        )
+def freeze_base(model, kept_layers=()):
+    """Freezes every variable of `model` except the adapters, the biases of
+    LoRA layers built with `train_bias=True`, and the weights of the layers
+    whose ids are in `kept_layers` (`apply_lora`'s `trainable_layers`)."""
+    adapters = {
+        id(v)
+        for lay in lora_layers(model).values()
+        for v in lay.adapter_weights().values()
+    }
+    kept = set()
+    for _, layer in iter_layers(model):
+        if id(layer) in kept_layers:
+            kept.update(id(v) for v in layer.weights)
+        elif isinstance(layer, LoRALayer) and layer.train_bias:
+            bias = layer.base_weights().get("bias")
+            if bias is not None:
+                kept.add(id(bias))
+    for variable in model.weights:
+        variable.trainable = id(variable) in adapters or id(variable) in kept
+    for _, layer in iter_layers(model):
+        # A frozen leaf layer gets `trainable=False` itself, not only its
+        # variables: the flag is saved in `.keras` configs (reload keeps the
+        # base frozen), and BatchNormalization then runs in inference mode
+        # (Keras's transfer-learning rule) instead of updating the moving
+        # statistics it shares with `model` during `fit`.
+        if (
+            layer.weights
+            and not isinstance(layer, LoRALayer)
+            and not _keras_private.sublayers(layer)
+            and not any(id(v) in kept for v in layer.weights)
+        ):
+            layer.trainable = False
 
 
 def apply_lora(
@@ -433,7 +428,7 @@ def apply_lora(
         layer_alpha = _per_layer(alpha_pattern, path, layer, alpha)
         validate_lora_args(layer_rank, layer_alpha, dropout, use_rslora)
         plan[path] = dict(
-            lora_class=_lora_class_for(layer),
+            lora_class=lora_class_for(layer),
             rank=layer_rank,
             alpha=layer_alpha,
             dropout=dropout,
@@ -452,41 +447,25 @@ def apply_lora(
                 f"{[p for p, _ in layers]}"
             )
 
+    # The plan is carried over to the clone by stable path (keras_lora.walk):
+    # the clone's layer names may be numbered differently.
+    stable = stable_path_of(model)
+    plan = {stable[id(selected[path])]: args for path, args in plan.items()}
     target = model if inplace else clone_model_sharing_variables(model)
-    by_path = dict(iter_layers(target))
+    by_path = stable_layer_paths(target)
     for path, args in plan.items():
         args = dict(args)
         convert_layer(by_path[path], args.pop("lora_class"), **args)
 
-    adapters = {
-        id(v)
-        for lay in lora_layers(target).values()
-        for v in lay.adapter_weights().values()
-    }
-    kept = set()
-    for path, layer in iter_layers(target):
-        if keep is not None and any(_matches(k, path, layer) for k in keep):
-            kept.update(id(v) for v in layer.weights)
-        elif isinstance(layer, LoRALayer) and train_bias:
-            bias = layer.base_weights().get("bias")
-            if bias is not None:
-                kept.add(id(bias))
-    for variable in target.weights:
-        variable.trainable = id(variable) in adapters or id(variable) in kept
-    for _, layer in iter_layers(target):
-        # A frozen leaf layer gets `trainable=False` itself, not only its
-        # variables: the flag is saved in `.keras` configs (reload keeps the
-        # base frozen), and BatchNormalization then runs in inference mode
-        # (Keras's transfer-learning rule) instead of updating the moving
-        # statistics it shares with `model` during `fit`.
-        if (
-            layer.weights
-            and not isinstance(layer, LoRALayer)
-            and not _keras_private.sublayers(layer)
-            and not any(id(v) in kept for v in layer.weights)
-        ):
-            layer.trainable = False
-    _mark_layers_lost_on_reload(target)
+    kept_layers = set()
+    if keep is not None:
+        kept_layers = {
+            id(layer)
+            for path, layer in iter_layers(target)
+            if any(_matches(k, path, layer) for k in keep)
+        }
+    freeze_base(target, kept_layers)
+    attach_plan(target)
     for _, layer in iter_layers(target):
         _keras_private.refresh_torch_params(layer)
     _keras_private.refresh_torch_params(target)

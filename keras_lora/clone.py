@@ -2,9 +2,13 @@
 
 `apply_lora`, `merge` and `unload` return new model objects. They are built
 from the model's serialized config (so the clone has the same class, call
-signature and methods, keras-hub tasks included) while every variable
-creation is answered with the original model's variable of the same path:
-the clone shares the weights, and building it allocates no weight memory.
+signature and methods, keras-hub tasks included). Each variable creation is
+first answered with the original model's variable of the same name path (so
+most variables are never allocated); then every layer of the clone is given
+the original's variables at the same stable path (`keras_lora.walk`: the
+structure Keras's saving library walks, never auto-generated names), with
+shape checks. Variables created where Keras auto-numbered a name differently
+are allocated while the clone is built and freed once replaced.
 """
 
 import contextlib
@@ -13,33 +17,37 @@ import warnings
 import keras
 
 from keras_lora import _keras_private
+from keras_lora.walk import stable_layer_paths
 
 _DEFAULT_HINT = "Use `apply_lora(..., inplace=True)`."
 
 
 class _VariableIndex:
-    """Finds a model's variable for a path the clone asks for.
+    """Proposes the model's variable for a path the clone asks for.
 
-    Paths usually agree exactly; they can differ by leading scopes (a
-    `Sequential` built at construction names `sequential/dense/kernel` what
-    its deserialized twin names `dense/kernel`), so a unique match on whole
-    trailing path components is accepted too.
+    Only a fast first guess while the clone is built, so that most
+    variables are never allocated: paths usually agree exactly, or by
+    trailing components (a `Sequential` built at construction names
+    `sequential/dense/kernel` what its deserialized twin names
+    `dense/kernel`). Paths that two variables share, or that Keras
+    auto-numbered differently in the clone, get no guess; the structural
+    matching after the build (`_share_structurally`) decides every variable.
     """
 
-    def __init__(self, variables, hint=_DEFAULT_HINT):
+    def __init__(self, variables):
         self.exact = {}
+        self.ambiguous = set()
         self.suffixes = {}
         for variable in variables:
             other = self.exact.setdefault(variable.path, variable)
             if other is not variable:
-                raise ValueError(
-                    "Cannot clone the model without copying: two variables "
-                    f"share the path {variable.path!r}. {hint}"
-                )
+                self.ambiguous.add(variable.path)
             parts = variable.path.split("/")
             for i in range(1, len(parts)):
                 key = "/".join(parts[i:])
                 self.suffixes.setdefault(key, []).append(variable)
+        for path in self.ambiguous:
+            del self.exact[path]
         self.used = set()
 
     def find(self, path):
@@ -62,11 +70,12 @@ class _VariableIndex:
 
 
 @contextlib.contextmanager
-def _reusing_variables(index, values_by_path, created):
-    """While active, `Layer.add_weight` returns the model's variable found by
-    `index` for the new variable's path, or (for paths in `values_by_path`)
-    a new variable holding the given value; other new variables are listed
-    in `created`."""
+def _reusing_variables(index, values, stand_ins):
+    """While active, `Layer.add_weight` returns the model's variable that
+    `index` proposes for the new variable's path, or (for variables in
+    `values`, keyed by `id`) a new variable holding the given value, listed
+    in `stand_ins` as `{id(new): id(original)}`; paths without a proposal
+    get a new variable."""
     original_add_weight = keras.layers.Layer.add_weight
 
     def add_weight(self, *args, **kwargs):
@@ -75,21 +84,23 @@ def _reusing_variables(index, values_by_path, created):
             path = f"{_keras_private.current_path()}/{name}"
         variable = index.find(path)
         if variable is None:
-            variable = original_add_weight(self, *args, **kwargs)
-            created.append(variable.path)
-            return variable
+            return original_add_weight(self, *args, **kwargs)
         shape = kwargs.get("shape", args[0] if args else None)
         if shape is not None and tuple(shape) != tuple(variable.shape):
-            raise ValueError(
-                f"Cannot share variable {variable.path!r}: the clone asks "
-                f"for shape {tuple(shape)}, the model has "
-                f"{tuple(variable.shape)}."
-            )
-        if variable.path in values_by_path:
-            value = values_by_path[variable.path]
-            kwargs["initializer"] = lambda shape, dtype=None: value
             return original_add_weight(self, *args, **kwargs)
+        if id(variable) in values:
+            value = values[id(variable)]
+            kwargs["initializer"] = lambda shape, dtype=None: value
+            new = original_add_weight(self, *args, **kwargs)
+            stand_ins[id(new)] = id(variable)
+            return new
+        # Track it in the list (trainable or not) a new variable would go
+        # to, so the clone's variable order is what a fresh build gives
+        # (Keras's weight files address variables by that order).
+        frozen = variable.trainable
+        variable.trainable = kwargs.get("trainable", True)
         _keras_private.track_variable(self, variable)
+        variable.trainable = frozen
         return variable
 
     keras.layers.Layer.add_weight = add_weight
@@ -97,6 +108,111 @@ def _reusing_variables(index, values_by_path, created):
         yield
     finally:
         keras.layers.Layer.add_weight = original_add_weight
+
+
+def _base_variables(layer):
+    """A layer's own variables in Keras's saving order, without adapters."""
+    adapters = set()
+    if hasattr(layer, "adapter_weights") and layer.built:
+        adapters = {id(v) for v in layer.adapter_weights().values()}
+    return [
+        v for v in _keras_private.own_variables(layer) if id(v) not in adapters
+    ]
+
+
+def _pairs(mine, theirs):
+    """Pairs a clone layer's variables with the model layer's: by name when
+    the names are unique in both (the trainable / non-trainable split of
+    Keras's lists depends on the flags at tracking time), else by order."""
+    names = [v.name for v in mine]
+    if len(set(names)) == len(names) and sorted(names) == sorted(
+        v.name for v in theirs
+    ):
+        by_name = {v.name: v for v in theirs}
+        return [(v, by_name[v.name]) for v in mine]
+    return list(zip(mine, theirs, strict=True))
+
+
+def _all_layers(model):
+    seen = {}
+    stack = [model]
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen[id(layer)] = layer
+        stack.extend(_keras_private.sublayers(layer))
+    for layer in stable_layer_paths(model).values():
+        seen.setdefault(id(layer), layer)
+    return list(seen.values())
+
+
+def _share_structurally(model, clone, values, stand_ins, hint):
+    """Makes every clone layer hold the model's variable at the same stable
+    path (`keras_lora.walk`), with shape checks; variables in `values` get
+    a new variable of the clone holding the value instead."""
+    originals = stable_layer_paths(model)
+    copies = stable_layer_paths(clone)
+    shared = {id(v) for lay in originals.values() for v in _base_variables(lay)}
+    swaps = {}
+    problems = []
+    for path, layer in copies.items():
+        mine_all = _base_variables(layer)
+        source = originals.get(path)
+        if source is not None and _keras_private.remat_mode(source):
+            # Not in the config: a RematScope's mode is carried over.
+            _keras_private.set_remat_mode(
+                layer, _keras_private.remat_mode(source)
+            )
+        theirs_all = _base_variables(source) if source is not None else []
+        if len(mine_all) != len(theirs_all):
+            problems.append(
+                f"{path or '<model>'}: {len(mine_all)} variables in the "
+                f"rebuilt model, {len(theirs_all)} in the model"
+            )
+            continue
+        for mine, theirs in _pairs(mine_all, theirs_all):
+            if tuple(mine.shape) != tuple(theirs.shape):
+                problems.append(
+                    f"{path}/{theirs.name}: shape {tuple(mine.shape)} in the "
+                    f"rebuilt model, {tuple(theirs.shape)} in the model"
+                )
+                continue
+            if id(theirs) in values:
+                if stand_ins.get(id(mine)) == id(theirs):
+                    continue
+                value = values[id(theirs)]
+                if id(mine) in stand_ins or id(mine) not in shared:
+                    mine.assign(value)
+                    stand_ins[id(mine)] = id(theirs)
+                else:
+                    new = keras.Variable(
+                        value,
+                        dtype=theirs.dtype,
+                        trainable=theirs.trainable,
+                        name=theirs.name,
+                    )
+                    swaps[id(mine)] = new
+                    stand_ins[id(new)] = id(theirs)
+            elif mine is not theirs:
+                swaps[id(mine)] = theirs
+    if swaps:
+        # Every layer of the clone, not only the owner: a layer may hold a
+        # sub-layer's variable too (tied weights, cached references).
+        for layer in _all_layers(clone):
+            _keras_private.replace_variables(layer, swaps)
+    missing = [
+        p
+        for p, layer in originals.items()
+        if p not in copies and _base_variables(layer)
+    ]
+    if missing:
+        problems.append(f"layers missing from the rebuilt model: {missing}")
+    if problems:
+        raise ValueError(
+            "Cannot clone the model without copying: rebuilding it from its "
+            f"config gives a different structure: {problems[:10]}. {hint}"
+        )
 
 
 def clone_model_sharing_variables(
@@ -108,8 +224,9 @@ def clone_model_sharing_variables(
         model: a built `keras.Model` whose `get_config` rebuilds it (functional,
             sequential, keras-hub tasks and backbones, subclassed models with
             `get_config`). A keras-hub task's preprocessor is reused as is.
-        values: optional `{variable_path: array}`; these variables are new in
-            the clone and hold the given values (used by `merge`).
+        values: optional `{id(variable): array}` for variables of `model`
+            that are new in the clone and hold the given values (used by
+            `merge`).
         config_transform: optional function applied to the serialized model
             (a dict) before it is deserialized (used by `merge` to turn
             keras_lora layer configs into their base layer configs).
@@ -120,11 +237,14 @@ def clone_model_sharing_variables(
         The clone, built and, if `model` was compiled, compiled alike.
 
     Raises:
-        ValueError: if `model` has two different variables with one path, or
-            the clone creates variables that `model` does not have (e.g. a
+        ValueError: if the clone's structure differs from `model`'s (a layer
+            or variable that `model` lacks or has with another shape, e.g. a
             subclassed model whose config does not rebuild it exactly).
     """
-    index = _VariableIndex(model.weights, hint)
+    index = _VariableIndex(model.weights)
+    # Building the clone may set flags on the shared variables (a layer's
+    # `trainable` setter reaches its variables): restore them afterwards.
+    flags = [(v, v.trainable) for v in model.weights]
     serialized = keras.saving.serialize_keras_object(model)
     preprocessor = getattr(model, "preprocessor", None)
     if preprocessor is not None and "preprocessor" in serialized["config"]:
@@ -132,28 +252,27 @@ def clone_model_sharing_variables(
         serialized["config"]["preprocessor"] = None
     if config_transform is not None:
         serialized = config_transform(serialized)
-    created = []
-    with (
-        _reusing_variables(index, values or {}, created),
-        warnings.catch_warnings(),
-    ):
-        # keras-hub tasks compile themselves in __init__; Keras warns that
-        # their custom `compile()` is not re-run from the compile config.
-        warnings.filterwarnings(
-            "ignore", message=".*compile\\(\\)` was not called"
-        )
-        clone = keras.saving.deserialize_keras_object(serialized)
-        if not clone.built and model.built:
-            build_config = model.get_build_config()
-            if build_config:
-                clone.build_from_config(build_config)
-    if created:
-        raise ValueError(
-            "Cannot clone the model without copying: rebuilding it from its "
-            f"config creates variables it does not have: {created[:10]} "
-            "(e.g. a layer shared by two nested models, which a config "
-            f"rebuild duplicates). {hint}"
-        )
+    values = values or {}
+    stand_ins = {}
+    try:
+        with (
+            _reusing_variables(index, values, stand_ins),
+            warnings.catch_warnings(),
+        ):
+            # keras-hub tasks compile themselves in __init__; Keras warns
+            # that their custom `compile()` is not re-run from the config.
+            warnings.filterwarnings(
+                "ignore", message=".*compile\\(\\)` was not called"
+            )
+            clone = keras.saving.deserialize_keras_object(serialized)
+            if not clone.built and model.built:
+                build_config = model.get_build_config()
+                if build_config:
+                    clone.build_from_config(build_config)
+        _share_structurally(model, clone, values, stand_ins, hint)
+    finally:
+        for variable, trainable in flags:
+            variable.trainable = trainable
     if preprocessor is not None and "preprocessor" in serialized["config"]:
         with _keras_private.unlocked(clone):
             clone.preprocessor = preprocessor

@@ -5,6 +5,7 @@ import keras
 from keras_lora.apply import lora_layers
 from keras_lora.clone import clone_model_sharing_variables
 from keras_lora.layers.base import LORA_CONFIG_KEYS
+from keras_lora.saving import REGISTERED_NAME
 
 _IN_PLACE_HINT = (
     "Use `keras_lora.merge_adapters(model)` to fold the adapters into the "
@@ -23,6 +24,17 @@ def _plain_configs(serialized):
     if not isinstance(serialized, dict):
         return serialized
     registered = serialized.get("registered_name") or ""
+    if registered == REGISTERED_NAME:
+        # An adapted model: its base model's own serialization, whose
+        # keras_lora layers are rewritten too.
+        base = serialized["config"]["base"]
+        return _plain_configs(
+            {
+                **serialized,
+                **{k: base[k] for k in ("module", "class_name", "config")},
+                "registered_name": base["registered_name"],
+            }
+        )
     if registered.startswith("keras_lora>"):
         lora_class = keras.saving.get_registered_object(registered)
         base = lora_class.base_class
@@ -93,7 +105,7 @@ def merge(model):
     for layer in layers.values():
         base = layer.base_weights()
         for name, value in layer.merged_values().items():
-            values[base[name].path] = value
+            values[id(base[name])] = value
     return clone_model_sharing_variables(
         model,
         values=values,
@@ -114,7 +126,7 @@ def unload(model):
     for layer in layers.values():
         if layer.merged:
             for name, variable in layer.base_weights().items():
-                values[variable.path] = layer._original_value(name)
+                values[id(variable)] = layer._original_value(name)
     return clone_model_sharing_variables(
         model, values=values, config_transform=_plain_configs, hint=_UNLOAD_HINT
     )

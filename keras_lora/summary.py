@@ -6,6 +6,8 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from keras_lora.apply import iter_layers
+from keras_lora.apply import lora_class_for
 from keras_lora.apply import lora_layers
 
 
@@ -25,7 +27,9 @@ def lora_report(model):
         `(d_in + d_out) * rank` per factor pair), and the totals
         `adapter_params`, `trainable_params`, `total_params` and
         `trainable_percent` (trainable / total * 100). Shared variables are
-        counted once.
+        counted once. `unbuilt_layers` lists the paths of layers of a kind
+        keras_lora adapts that the model never built (never calls); they
+        are left alone.
     """
     rows = []
     for path, layer in lora_layers(model).items():
@@ -48,6 +52,11 @@ def lora_report(model):
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total if total else 0.0,
+        "unbuilt_layers": [
+            path
+            for path, layer in iter_layers(model)
+            if not layer.built and lora_class_for(layer) is not None
+        ],
     }
 
 

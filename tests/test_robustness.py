@@ -120,15 +120,14 @@ def _tiny_bert_with_preprocessor():
     )
 
 
-def test_keras_hub_lora_model_save_refuses_instead_of_unloadable_file(
-    tmp_path,
-):
+def test_keras_hub_lora_model_saves_as_one_keras_file(tmp_path):
     """Broke: `.keras` save of a keras-hub task after apply_lora succeeded,
     but `load_model` failed ("Layer 'query' expected 2 variables, but
     received 0"): the LoRA attention projections are built inside
-    TransformerEncoder and are not in the config. Saving now raises a clear
-    error pointing to save_adapters / merge; the merged model still saves,
-    reloads and predicts on raw strings with the same preprocessor."""
+    TransformerEncoder and are not in the config. The adapted model's config
+    now holds the LoRA plan: the file reloads with the adapters, the same
+    outputs, the same trainable variables and the same preprocessor (raw
+    strings in); the merged model saves and reloads too."""
     classifier = _tiny_bert_with_preprocessor()
     texts = ["some text", "the lazy dog"]
     features = classifier.preprocessor(texts)
@@ -138,8 +137,15 @@ def test_keras_hub_lora_model_save_refuses_instead_of_unloadable_file(
     assert_exact(to_numpy(lora(features)), before)
     _randomize(lora)
     expected = to_numpy(lora(features))
-    with pytest.raises(ValueError, match="save_adapters"):
-        lora.save(tmp_path / "lora.keras")
+    lora.save(tmp_path / "lora.keras")
+    reloaded = keras.saving.load_model(tmp_path / "lora.keras")
+    assert isinstance(reloaded, type(classifier))
+    assert sorted(kl.lora_layers(reloaded)) == sorted(kl.lora_layers(lora))
+    assert_exact(to_numpy(reloaded(features)), expected)
+    assert [v.path for v in reloaded.trainable_variables] == [
+        v.path for v in lora.trainable_variables
+    ]
+    assert_close(reloaded.predict(texts, verbose=0), expected)
     merged = kl.merge(lora)
     assert merged.preprocessor is classifier.preprocessor
     assert_close(to_numpy(merged(features)), expected)

@@ -472,11 +472,6 @@ class LoRALayer:
         """Saves base weights (unmerged values) and adapters by name."""
         if not self.built:
             return
-        # Set by `apply_lora` when the model's config does not re-create
-        # this layer (keras-hub blocks build it): refuse a lossy `.keras`.
-        save_error = getattr(self, "_keras_lora_save_error", None)
-        if save_error:
-            raise ValueError(save_error)
         for name in self.base_weights():
             store[name] = self._original_value(name)
         for name, variable in self.adapter_weights().items():
