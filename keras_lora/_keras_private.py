@@ -144,14 +144,17 @@ def replace_variables(layer, mapping):
             layer.__dict__[key] = mapping[id(value)]
             replaced = True
         elif isinstance(value, list):
+            # Keras's TrackedList would track the new item again (and
+            # refuses on a built layer): set it as a plain list does; the
+            # tracker's bookkeeping is updated below.
             for i, item in enumerate(value):
                 if id(item) in mapping:
-                    value[i] = mapping[id(item)]
+                    list.__setitem__(value, i, mapping[id(item)])
                     replaced = True
         elif isinstance(value, dict):
             for k, item in list(value.items()):
                 if id(item) in mapping:
-                    value[k] = mapping[id(item)]
+                    dict.__setitem__(value, k, mapping[id(item)])
                     replaced = True
     tracker = getattr(layer, "_tracker", None)
     for ids in getattr(tracker, "stored_ids", {}).values():
