@@ -29,6 +29,7 @@ import re
 import keras
 import numpy as np
 
+from keras_lora.saving import base_class_of
 from keras_lora.walk import stable_path_of
 
 #: Name of the safetensors metadata entry that holds the JSON config.
@@ -148,7 +149,9 @@ def adapter_state(model):
             if name == "bias" and layer.merged:
                 value = _to_numpy(layer._original_value("bias"))
             tensors[f"{path}.{name}"] = np.ascontiguousarray(value)
-        layer_configs[path] = _layer_config(layer, variables, stable[id(layer)])
+        layer_configs[path] = _layer_config(
+            layer, variables, stable.get(id(layer))
+        )
     from keras_lora import __version__
 
     ranks = {c["rank"] for c in layer_configs.values()}
@@ -159,8 +162,8 @@ def adapter_state(model):
         "keras_lora_version": __version__,
         "keras_version": keras.__version__,
         "backend": keras.backend.backend(),
-        "base_model_class": f"{type(model).__module__}."
-        f"{type(model).__qualname__}",
+        "base_model_class": f"{base_class_of(model).__module__}."
+        f"{base_class_of(model).__qualname__}",
         "rank": ranks.pop() if len(ranks) == 1 else None,
         "alpha": alphas.pop() if len(alphas) == 1 else None,
         "targets": list(layer_configs),
@@ -330,6 +333,10 @@ def _by_model_paths(model, layers, tensors, config):
         if c["stable_path"] in by_stable
         and _same_up_to_numbering(old, by_stable[c["stable_path"]])
     }
+    if len(rename) != len(stored) or len(set(rename.values())) != len(rename):
+        # Not every stored layer has its own counterpart: no re-keying, so
+        # the mismatch is reported instead of loading anything elsewhere.
+        return tensors, stored
     renamed = {}
     for key, value in tensors.items():
         old, _, name = key.rpartition(".")

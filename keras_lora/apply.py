@@ -449,13 +449,25 @@ def apply_lora(
 
     # The plan is carried over to the clone by stable path (keras_lora.walk):
     # the clone's layer names may be numbered differently.
-    stable = stable_path_of(model)
-    plan = {stable[id(selected[path])]: args for path, args in plan.items()}
-    target = model if inplace else clone_model_sharing_variables(model)
-    by_path = stable_layer_paths(target)
+    if inplace:
+        target = model
+        layers = {path: selected[path] for path in plan}
+    else:
+        stable = stable_path_of(model)
+        unreachable = [p for p in plan if id(selected[p]) not in stable]
+        if unreachable:
+            raise ValueError(
+                "Cannot clone the model: these target layers are not where "
+                f"Keras's saving library finds the model's layers: "
+                f"{unreachable} (e.g. an attribute that was reassigned). "
+                "Use `apply_lora(..., inplace=True)`."
+            )
+        plan = {stable[id(selected[p])]: args for p, args in plan.items()}
+        target = clone_model_sharing_variables(model)
+        layers = stable_layer_paths(target)
     for path, args in plan.items():
         args = dict(args)
-        convert_layer(by_path[path], args.pop("lora_class"), **args)
+        convert_layer(layers[path], args.pop("lora_class"), **args)
 
     kept_layers = set()
     if keep is not None:

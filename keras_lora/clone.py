@@ -153,7 +153,7 @@ def _share_structurally(model, clone, values, stand_ins, hint):
     a new variable of the clone holding the value instead."""
     originals = stable_layer_paths(model)
     copies = stable_layer_paths(clone)
-    shared = {id(v) for lay in originals.values() for v in _base_variables(lay)}
+    shared = {id(v) for v in model.weights}
     swaps = {}
     problems = []
     for path, layer in copies.items():
@@ -199,8 +199,11 @@ def _share_structurally(model, clone, values, stand_ins, hint):
     if swaps:
         # Every layer of the clone, not only the owner: a layer may hold a
         # sub-layer's variable too (tied weights, cached references).
-        for layer in _all_layers(clone):
+        layers = _all_layers(clone)
+        for layer in layers:
             _keras_private.replace_variables(layer, swaps)
+        for layer in layers:
+            _keras_private.refresh_torch_params(layer)
     missing = [
         p
         for p, layer in originals.items()
@@ -246,12 +249,12 @@ def clone_model_sharing_variables(
     # `trainable` setter reaches its variables): restore them afterwards.
     flags = [(v, v.trainable) for v in model.weights]
     serialized = keras.saving.serialize_keras_object(model)
+    if config_transform is not None:
+        serialized = config_transform(serialized)
     preprocessor = getattr(model, "preprocessor", None)
     if preprocessor is not None and "preprocessor" in serialized["config"]:
         # Tokenizer vocabularies are assets, not config: keep the object.
         serialized["config"]["preprocessor"] = None
-    if config_transform is not None:
-        serialized = config_transform(serialized)
     values = values or {}
     stand_ins = {}
     try:

@@ -40,6 +40,7 @@ def lora_model_class(base_class):
                 "__doc__": base_class.__doc__,
                 "keras_lora_base_class": base_class,
                 "get_config": _get_config,
+                "from_config": classmethod(_from_config),
                 "build_from_config": _build_from_config,
             },
         )
@@ -154,6 +155,10 @@ def _get_config(self):
     }
 
 
+def _from_config(cls, config, custom_objects=None):
+    return LoRAModel.from_config(config)
+
+
 def _build_from_config(self, config):
     type(self).keras_lora_base_class.build_from_config(self, config)
     plan = self.__dict__.pop(_STATE, None)
@@ -173,7 +178,9 @@ class LoRAModel:
     @classmethod
     def from_config(cls, config):
         model = keras.saving.deserialize_keras_object(config["base"])
-        attach_plan(model)
+        # The plan class unconditionally: the model has no LoRA layers yet,
+        # and must save with its plan again after loading.
+        model.__class__ = lora_model_class(type(model))
         if model.built:
             restore_plan(model, config["lora"])
         else:

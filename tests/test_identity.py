@@ -217,6 +217,13 @@ def test_functional_keras_file_restores_the_optimizer_state(tmp_path, rng):
     lora.fit(x, y, epochs=1, verbose=0)
     reloaded.fit(x, y, epochs=1, verbose=0)
     assert_close(to_numpy(reloaded(x)), to_numpy(lora(x)), ulps=8)
+    # A reloaded model saves with its plan again (load, save, load), and
+    # the class's own from_config rebuilds it.
+    reloaded.save(tmp_path / "again.keras")
+    again = keras.saving.load_model(tmp_path / "again.keras")
+    assert_exact(to_numpy(again(x)), to_numpy(reloaded(x)))
+    twin = type(reloaded).from_config(reloaded.get_config())
+    assert len(kl.lora_layers(twin)) == len(kl.lora_layers(reloaded))
     base = model.get_layer("block").query.kernel
     assert not base.trainable
 
