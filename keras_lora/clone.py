@@ -133,7 +133,9 @@ def _pairs(mine, theirs):
     return list(zip(mine, theirs, strict=True))
 
 
-def _all_layers(model):
+def _all_layers(model, walked):
+    """The layers under `model`: its tracked sub-layers at any depth, and
+    `walked` (its stable paths' layers, already computed)."""
     seen = {}
     stack = [model]
     while stack:
@@ -142,7 +144,7 @@ def _all_layers(model):
             continue
         seen[id(layer)] = layer
         stack.extend(_keras_private.sublayers(layer))
-    for layer in stable_layer_paths(model).values():
+    for layer in walked:
         seen.setdefault(id(layer), layer)
     return list(seen.values())
 
@@ -159,11 +161,12 @@ def _share_structurally(model, clone, values, stand_ins, hint):
     for path, layer in copies.items():
         mine_all = _base_variables(layer)
         source = originals.get(path)
-        if source is not None and _keras_private.remat_mode(source):
+        remat = (
+            _keras_private.remat_mode(source) if source is not None else None
+        )
+        if remat:
             # Not in the config: a RematScope's mode is carried over.
-            _keras_private.set_remat_mode(
-                layer, _keras_private.remat_mode(source)
-            )
+            _keras_private.set_remat_mode(layer, remat)
         theirs_all = _base_variables(source) if source is not None else []
         if len(mine_all) != len(theirs_all):
             problems.append(
@@ -199,7 +202,7 @@ def _share_structurally(model, clone, values, stand_ins, hint):
     if swaps:
         # Every layer of the clone, not only the owner: a layer may hold a
         # sub-layer's variable too (tied weights, cached references).
-        layers = _all_layers(clone)
+        layers = _all_layers(clone, copies.values())
         for layer in layers:
             _keras_private.replace_variables(layer, swaps)
         for layer in layers:
