@@ -328,6 +328,12 @@ def lora_layout_map(layout_map, model):
     the adapter the kernel's layout nor raise "matches multiple layout
     specification keys".
 
+    The keys are `model`'s own variable paths, the paths Keras looks
+    layouts up by; a model of unnamed layers built again is numbered anew
+    (`dense_2/lora_a`), so call this again with the rebuilt model. The
+    adapters' own placement never depends on these keys (see the module
+    docstring).
+
     Use it where something reads the layout map by path: recreating or
     reloading the LoRA model under `ModelParallel(layout_map=...)`, or
     inspecting the plan. Adapters created by keras_lora under a

@@ -316,6 +316,21 @@ with D.ModelParallel(layout_map=lm, batch_dim_name="batch").scope():
                     "finite": bool(np.isfinite(y).all())}
 
 seconds["clash"] = time.perf_counter() - T0
+# The same architecture of unnamed layers built twice under one map: Keras
+# numbers the layers anew (dense_N); the adapters' layouts come from the
+# base weights they adapt, so both builds are placed alike.
+pair = D.DeviceMesh((1, 2), ("batch", "model"), devices=devices[:2])
+lm = D.LayoutMap(pair)
+lm[".*dense.*kernel"] = (None, "model")
+out["rebuilt"] = []
+with D.ModelParallel(layout_map=lm, batch_dim_name="batch").scope():
+    for _ in range(2):
+        inputs = keras.Input((4,))
+        h = keras.layers.Dense(8, use_bias=False)(inputs)
+        base = keras.Model(inputs, keras.layers.Dense(6)(h))
+        model = keras_lora.apply_lora(base, rank=2,
+                                      targets=keras.layers.Dense)
+        out["rebuilt"].append(list(variable_layouts(model).items()))
 # A tiny GemmaCausalLM: ModelParallel (mesh 2x4, keras-hub's preset map),
 # DataParallel (8 devices) and one device, from the same weights.
 def lora_gemma():
@@ -447,6 +462,24 @@ def test_jax_layout_map_regex_clash_never_reaches_adapters(jax_report):
     assert _spec(clash["layouts"]["dense/lora_a"]) == [None, None]
     assert _spec(clash["layouts"]["dense/lora_b"]) == [None, "model"]
     assert clash["finite"]
+
+
+@needs_jax
+@pytest.mark.slow
+def test_jax_adapter_layouts_survive_renumbered_rebuild(jax_report):
+    """Identity: a second build of the same unnamed-layer architecture
+    (Keras renumbers `dense` to `dense_2`, ...) places every adapter like
+    the first build, at the same structural position."""
+    first, second = jax_report["rebuilt"]
+    assert len(first) == len(second) == 7  # 2 kernels, 1 bias, 4 adapters
+    assert {p for p, _ in first}.isdisjoint(p for p, _ in second)
+    assert [s for _, s in first] == [s for _, s in second]
+    by_name = {p.rsplit("/", 1)[1]: [] for p, _ in second}
+    for path, spec in second:
+        by_name[path.rsplit("/", 1)[1]].append(_spec(spec))
+    assert by_name["kernel"] == [[None, "model"]] * 2
+    assert by_name["lora_a"] == [[None, None]] * 2
+    assert by_name["lora_b"] == [[None, "model"]] * 2
 
 
 @needs_jax
