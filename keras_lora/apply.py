@@ -35,9 +35,35 @@ LORA_CLASSES = (
     LoRADense,
 )
 
-#: Layer names of attention query and value projections (the LoRA paper's
-#: default targets) in Keras, keras-hub and Hugging Face style models.
-DEFAULT_ATTENTION_NAMES = ("query", "value", "q_proj", "v_proj")
+#: Names of attention query and value projections (the LoRA paper's
+#: default targets) in Keras, keras-hub and Hugging Face style models, and
+#: of fused query-key-value projections (which PEFT targets whole). A layer
+#: is one if its name or its attribute name (the last part of its stable
+#: path, for sub-layers Keras auto-names) is listed.
+DEFAULT_ATTENTION_NAMES = (
+    "query",
+    "value",
+    "q_proj",
+    "v_proj",
+    "q",
+    "v",
+    "query_proj",
+    "value_proj",
+    "query_dense",
+    "value_dense",
+    "query_projector",
+    "value_projector",
+    "q_dense_layer",
+    "v_dense_layer",
+    "qkv",
+    "attention_qkv",
+    "query_key_value",
+)
+
+
+def _is_default_attention(layer, stable_path):
+    names = (layer.name, stable_path.rsplit("/", 1)[-1])
+    return any(name in DEFAULT_ATTENTION_NAMES for name in names)
 
 
 def iter_layers(model):
@@ -184,10 +210,11 @@ def select_targets(model, targets=None, exclude=None):
         )
     adaptable = [(p, lay) for p, lay in layers if lora_class_for(lay)]
     if targets is None:
+        stable = stable_path_of(model)
         selected = [
             (p, lay)
             for p, lay in adaptable
-            if lay.name in DEFAULT_ATTENTION_NAMES
+            if _is_default_attention(lay, stable.get(id(lay), ""))
         ] or [
             (p, lay)
             for p, lay in adaptable
@@ -366,12 +393,14 @@ def apply_lora(
         alpha: float or `None` (= rank). Scaling is `alpha / rank`
             (Hu et al. 2021, arXiv:2106.09685, eq. 4).
         targets: which layers to adapt. `None` (default): the attention query
-            and value projections (layers named `query`, `value`, `q_proj`,
-            `v_proj`), the LoRA paper's choice; if the model has none, every
-            Dense, EinsumDense and Conv2D. Otherwise a str, compiled regex,
-            layer class or callable `(path, layer) -> bool`, or a list of
-            them. A str matches a layer name, a path, a trailing part of a
-            path (`"attention/query"`), or a glob on the path; a regex must
+            and value projections (by name or attribute name: `query`,
+            `value`, `q_proj`, `v_proj`, ... and fused `qkv` layers; see
+            `DEFAULT_ATTENTION_NAMES`), the LoRA paper's choice; if the
+            model has none, every Dense, EinsumDense and Conv2D. Otherwise
+            a str, compiled regex, layer class or callable
+            `(path, layer) -> bool`, or a list of them. A str matches a
+            layer name, a path, a trailing part of a path
+            (`"attention/query"`), or a glob on the path; a regex must
             fullmatch the path. Every entry must match some layer.
         exclude: the same kinds as `targets`; matches are not adapted.
         dropout: float in [0, 1), LoRA dropout. Defaults to `0.0`.

@@ -42,6 +42,12 @@ def lora_model_class(base_class):
                 "get_config": _get_config,
                 "from_config": classmethod(_from_config),
                 "build_from_config": _build_from_config,
+                "__reduce__": _reduce,
+                **(
+                    {"save_to_preset": _save_to_preset}
+                    if hasattr(base_class, "save_to_preset")
+                    else {}
+                ),
             },
         )
         _keras_private.register_serializable_name(cls, REGISTERED_NAME)
@@ -105,16 +111,26 @@ def attach_plan(model):
     where its own config would not re-create every keras_lora layer (layers
     that subclassed layers build, as in keras-hub models). Functional and
     Sequential models whose adapted layers are graph nodes keep their
-    class: their config already holds the keras_lora layers."""
+    class: their config already holds the keras_lora layers. Models nested
+    in `model` (a keras-hub task's `backbone`) get their own plan class
+    the same way, so each saves, pickles and reloads on its own."""
     from keras_lora.apply import lora_layers
 
-    try:
-        config = keras.saving.serialize_keras_object(model).get("config", {})
-        in_config = _lora_paths_in_config(config)
-    except Exception:  # noqa: BLE001 - not serializable: let save say so
-        return
-    if set(lora_layers(model)) - in_config:
-        model.__class__ = lora_model_class(type(model))
+    nested = [
+        layer
+        for path, layer in stable_layer_paths(model).items()
+        if path and isinstance(layer, keras.Model)
+    ]
+    for sub in [*nested, model]:
+        if not lora_layers(sub):
+            continue
+        try:
+            config = keras.saving.serialize_keras_object(sub)
+            in_config = _lora_paths_in_config(config.get("config", {}))
+        except Exception:  # noqa: BLE001 - not serializable: let save say so
+            continue
+        if set(lora_layers(sub)) - in_config:
+            sub.__class__ = lora_model_class(type(sub))
 
 
 def restore_plan(model, plan):
@@ -153,6 +169,24 @@ def _get_config(self):
         },
         "lora": lora_plan(self),
     }
+
+
+def _reduce(self):
+    # Keras pickles a model as its `.keras` bytes and `cls._unpickle_model`;
+    # this class is made at run time, so point pickle at keras.Model's.
+    _, args = type(self).keras_lora_base_class.__reduce__(self)
+    return keras.Model._unpickle_model, args
+
+
+def _save_to_preset(self, preset_dir, *args, **kwargs):
+    raise ValueError(
+        "`save_to_preset` cannot save a model with LoRA adapters: keras-hub's "
+        "`from_preset` loads presets of its own classes only. Save "
+        "`keras_lora.merge(model).save_to_preset(preset_dir)` for a preset "
+        "with the adapters folded in, `model.save('model.keras')` for the "
+        "LoRA model, or `keras_lora.save_adapters(model, path)` for the "
+        f"adapters alone. Received: preset_dir={preset_dir!r}"
+    )
 
 
 def _from_config(cls, config, custom_objects=None):

@@ -13,14 +13,19 @@ stays within CI's time. `KERAS_LORA_HUB_ALL=1` runs every case on any
 backend.
 """
 
+import importlib.util
 import inspect
 import os
+import pathlib
 
 import keras
 import keras_hub
 import numpy as np
 import pytest
+from hub_zoo import NOT_MODELS
 from hub_zoo import all_cases
+from hub_zoo import default_targets_summary
+from hub_zoo import family_of
 from numerics import assert_close
 from numerics import assert_exact
 from numerics import close
@@ -44,8 +49,6 @@ EVERY_BACKEND = {
     "CLIPBackbone",
     "StableDiffusion3Backbone",
 }
-#: keras_hub.models names that are base classes, not models.
-NOT_MODELS = {"FeaturePyramidBackbone"}
 
 
 def _selected(name):
@@ -67,8 +70,35 @@ def _params():
                     "runs it here)"
                 )
             )
+        module = CASES[name].needs.get(BACKEND)
+        if module and importlib.util.find_spec(module) is None:
+            # keras-hub's own dependency for this model on this backend
+            # (torchvision's PyPI wheels do not load with the CPU torch).
+            marks.append(
+                pytest.mark.skip(
+                    reason=f"keras-hub runs {name} on {BACKEND} only with "
+                    f"{module} installed"
+                )
+            )
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def _documented_defaults():
+    """`{backbone: (family, summary)}` from docs/apply_merge.md's table."""
+    doc = pathlib.Path(__file__).parents[1] / "docs" / "apply_merge.md"
+    text = doc.read_text()
+    table = text.split("<!-- default-targets:start -->")[1]
+    table = table.split("<!-- default-targets:end -->")[0]
+    rows = {}
+    for line in table.strip().splitlines()[2:]:
+        family, name, summary = (c.strip() for c in line.strip("|").split("|"))
+        rows[name.strip("`")] = (family, summary)
+    return rows
+
+
+def test_default_targets_table_lists_every_backbone():
+    assert set(_documented_defaults()) == set(CASES) - NOT_MODELS
 
 
 def _flat(outputs):
@@ -128,6 +158,11 @@ def test_backbone_apply_merge_save(name, tmp_path):
     lora = kl.apply_lora(model, rank=2)
     adapted_layers = kl.lora_layers(lora)
     assert adapted_layers, "default targets adapted nothing"
+    # What docs/apply_merge.md says the default targets give this model.
+    assert _documented_defaults()[name] == (
+        family_of(name),
+        default_targets_summary(lora),
+    )
     for got, want in zip(run(lora), base, strict=True):
         assert_exact(got, want)
     for got, want in zip(run(model), base, strict=True):

@@ -328,3 +328,70 @@ def test_c23_remat_mode_survives_apply_and_merge(rng):
     merged = kl.merge(runs["remat"][1])
     for name in ("query", "value", "out"):
         assert remat_mode(merged.get_layer(name)).mode == "full"
+
+
+def _adapted_gemma():
+    keras.utils.set_random_seed(0)
+    lora = kl.apply_lora(tiny_gemma_causal_lm(), rank=2)
+    randomize_adapters(lora, seed=3)
+    return lora
+
+
+def _stable_lora_paths(model):
+    return sorted(
+        path
+        for path, layer in stable_layer_paths(model).items()
+        if isinstance(layer, kl.LoRALayer)
+    )
+
+
+def test_backbone_of_an_adapted_task_saves_and_reloads_alone(tmp_path):
+    """`lora.backbone.save()` writes the backbone with its adapters: it
+    reloads as the backbone class, adapters at the same places, same
+    outputs, only the adapters trainable."""
+    lora = _adapted_gemma()
+    x, _, _ = causal_lm_batch()
+    want = to_numpy(lora.backbone(x))
+    path = tmp_path / "backbone.keras"
+    lora.backbone.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert type(reloaded).__name__ == "GemmaBackbone"
+    assert isinstance(reloaded, type(lora.backbone).keras_lora_base_class)
+    assert _stable_lora_paths(reloaded) == _stable_lora_paths(lora.backbone)
+    assert len(kl.lora_layers(reloaded)) == 4  # 2 blocks x (query, value)
+    assert all("lora_" in v.path for v in reloaded.trainable_variables)
+    assert_exact(to_numpy(reloaded(x)), want)
+
+
+def test_adapted_models_pickle(rng):
+    """Keras pickles models through their `.keras` bytes; adapted models
+    (whose class is made at run time) pickle and unpickle alike."""
+    import pickle
+
+    lora = _adapted_gemma()
+    x, _, _ = causal_lm_batch()
+    for model in (lora, lora.backbone):
+        again = pickle.loads(pickle.dumps(model))
+        assert type(again).__name__ == type(model).__name__
+        assert _stable_lora_paths(again) == _stable_lora_paths(model)
+        assert_exact(to_numpy(again(x)), to_numpy(model(x)))
+
+
+def test_save_to_preset_of_an_adapted_model_is_refused(tmp_path):
+    """keras-hub's `from_preset` cannot load a LoRA model's preset: saving
+    one raises, names the directory and the ways that work, writes
+    nothing; the merged model saves a preset that loads."""
+    keras_hub = pytest.importorskip("keras_hub")
+    lora = _adapted_gemma()
+    for model in (lora, lora.backbone):
+        target = tmp_path / f"preset_{model.name}"
+        with pytest.raises(ValueError, match=r"(?s)save_to_preset.*merge"):
+            model.save_to_preset(str(target))
+        assert not target.exists()
+    merged = kl.merge(lora)
+    merged.backbone.save_to_preset(str(tmp_path / "merged"))
+    loaded = keras_hub.models.GemmaBackbone.from_preset(
+        str(tmp_path / "merged")
+    )
+    x, _, _ = causal_lm_batch()
+    assert_exact(to_numpy(loaded(x)), to_numpy(merged.backbone(x)))

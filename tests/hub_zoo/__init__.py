@@ -11,6 +11,9 @@ a second on a CPU.
 import dataclasses
 from collections.abc import Callable
 
+#: keras_hub.models names that are base classes, not models.
+NOT_MODELS = {"FeaturePyramidBackbone"}
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -21,12 +24,15 @@ class Case:
         inputs: `() -> input structure` (NumPy arrays) for that model.
         slow: bool, True for cases that take more than a few seconds.
         note: str, anything a reader of the test results should know.
+        needs: `{backend: module}`, a module keras-hub itself imports to run
+            this model on that backend (not a dependency of keras_lora).
     """
 
     build: Callable
     inputs: Callable
     slow: bool = False
     note: str = ""
+    needs: dict = dataclasses.field(default_factory=dict)
 
 
 def all_cases():
@@ -42,3 +48,42 @@ def all_cases():
         assert not overlap, overlap
         cases.update(module.CASES)
     return cases
+
+
+def family_of(name):
+    """The part module of a case: text, decoders, vision or multimodal."""
+    from hub_zoo import decoders
+    from hub_zoo import multimodal
+    from hub_zoo import text
+    from hub_zoo import vision
+
+    for module in (text, decoders, vision, multimodal):
+        if name in module.CASES:
+            return module.__name__.rsplit(".", 1)[1]
+    raise KeyError(name)
+
+
+def default_targets_summary(lora_model):
+    """What the default targets adapted in `lora_model`, as docs state it.
+
+    The attention layer names (`query`, `value`, ...) when the LoRA paper's
+    rule applied, else the classes of the adapted layers.
+    """
+    import keras_lora
+    from keras_lora.apply import DEFAULT_ATTENTION_NAMES
+    from keras_lora.walk import stable_layer_paths
+
+    names = set()
+    for path, layer in stable_layer_paths(lora_model).items():
+        if isinstance(layer, keras_lora.LoRALayer):
+            attribute = path.rsplit("/", 1)[-1]
+            names.add(
+                layer.name
+                if layer.name in DEFAULT_ATTENTION_NAMES
+                else attribute
+            )
+    layers = keras_lora.lora_layers(lora_model).values()
+    if names <= set(DEFAULT_ATTENTION_NAMES):
+        return ", ".join(f"`{n}`" for n in sorted(names))
+    classes = sorted({layer.merge_class.__name__ for layer in layers})
+    return "every " + ", ".join(f"`{c}`" for c in classes)

@@ -679,6 +679,7 @@ CASES = {
         "is only used to initialise the tiled one. Batch size 1, box "
         "labels all 1 (see the inputs). Box prompts use roi_align, which "
         "needs torchvision on the torch backend.",
+        needs={"torch": "torchvision"},
     ),
     "StableDiffusion3Backbone": Case(
         build=_sd3,
