@@ -133,29 +133,57 @@ def own_variables(layer):
     )
 
 
+def _replaced(value, mapping, depth):
+    """`value` with the variables of `mapping` swapped, and whether any was.
+
+    Lists and dicts are changed in place (Keras's tracked containers would
+    track a new item again, and refuse to on a built layer, so items are set
+    as a plain list or dict does); tuples are rebuilt. Containers nest up to
+    `depth` levels.
+    """
+    if id(value) in mapping:
+        return mapping[id(value)], True
+    if depth == 0:
+        return value, False
+    if isinstance(value, list):
+        replaced = False
+        for i, item in enumerate(value):
+            new, hit = _replaced(item, mapping, depth - 1)
+            if hit and new is not item:
+                list.__setitem__(value, i, new)
+            replaced = replaced or hit
+        return value, replaced
+    if isinstance(value, dict):
+        replaced = False
+        for key, item in list(value.items()):
+            new, hit = _replaced(item, mapping, depth - 1)
+            if hit and new is not item:
+                dict.__setitem__(value, key, new)
+            replaced = replaced or hit
+        return value, replaced
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        items = [_replaced(item, mapping, depth - 1) for item in value]
+        if any(hit for _, hit in items):
+            # A plain tuple (TensorFlow wraps tracked tuples in a proxy).
+            return tuple(new for new, _ in items), True
+    return value, False
+
+
 def replace_variables(layer, mapping):
     """Makes `layer` hold `mapping[id(old)]` wherever it held a variable
-    `old` of `mapping`: its attributes (e.g. `_kernel`), lists and dicts in
-    them (Keras's tracked variable lists), and its tracker's bookkeeping.
-    Returns whether anything was replaced."""
+    `old` of `mapping`: its attributes (e.g. `_kernel`), lists, tuples and
+    dicts in them (Keras's tracked variable lists) up to three levels deep,
+    and its tracker's bookkeeping. TensorFlow's own checkpoint graph
+    (`tf.train.Checkpoint(layer)`) is not updated; Keras's saving does not
+    use it. Returns whether anything was replaced."""
     replaced = False
     for key, value in list(vars(layer).items()):
-        if id(value) in mapping:
-            layer.__dict__[key] = mapping[id(value)]
-            replaced = True
-        elif isinstance(value, list):
-            # Keras's TrackedList would track the new item again (and
-            # refuses on a built layer): set it as a plain list does; the
-            # tracker's bookkeeping is updated below.
-            for i, item in enumerate(value):
-                if id(item) in mapping:
-                    list.__setitem__(value, i, mapping[id(item)])
-                    replaced = True
-        elif isinstance(value, dict):
-            for k, item in list(value.items()):
-                if id(item) in mapping:
-                    dict.__setitem__(value, k, mapping[id(item)])
-                    replaced = True
+        new, hit = _replaced(value, mapping, depth=3)
+        if not hit:
+            continue
+        replaced = True
+        if new is not value:
+            layer.__dict__[key] = new
     tracker = getattr(layer, "_tracker", None)
     for ids in getattr(tracker, "stored_ids", {}).values():
         for old in [i for i in ids if i in mapping]:

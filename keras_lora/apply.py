@@ -257,6 +257,22 @@ def select_targets(model, targets=None, exclude=None):
     # Sub-layers the model never builds (never calls) are left alone;
     # `lora_report` lists them.
     unbuilt = [p for p, lay in selected if not lay.built]
+    if targets is not None and unbuilt:
+        # A target entry that names only unbuilt layers would adapt nothing.
+        built = [(p, lay) for p, lay in selected if lay.built]
+        idle = [
+            t
+            for t in targets
+            if any(_matches(t, p, lay) for p, lay in selected)
+            and not any(_matches(t, p, lay) for p, lay in built)
+        ]
+        if idle:
+            raise ValueError(
+                "These `targets` select only layers the model never builds "
+                f"(never calls): {', '.join(_describe(t) for t in idle)}. "
+                f"Unbuilt layers: {unbuilt}. Build or call the model on an "
+                "input before apply_lora, or drop these entries."
+            )
     selected = [(p, lay) for p, lay in selected if lay.built]
     if not selected:
         if unbuilt:

@@ -235,3 +235,11 @@ def test_unbuilt_sub_layers_are_left_alone_and_reported():
     assert kl.lora_report(lora)["unbuilt_layers"] == ["never_called"]
     with pytest.raises(ValueError, match="never_called"):
         kl.apply_lora(_model_with_an_unbuilt_layer(), targets=["never_called"])
+    # Also next to a target that is built: that entry would adapt nothing.
+    model = _model_with_an_unbuilt_layer()
+    with pytest.raises(ValueError, match=r"(?s)only layers.*'never_called'"):
+        kl.apply_lora(model, targets=["used", "never_called"])
+    assert not kl.lora_layers(model)
+    # A pattern that also selects built layers adapts those.
+    lora = kl.apply_lora(model, targets=keras.layers.Dense)
+    assert sorted(kl.lora_layers(lora)) == ["used"]

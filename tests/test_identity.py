@@ -395,3 +395,29 @@ def test_save_to_preset_of_an_adapted_model_is_refused(tmp_path):
     )
     x, _, _ = causal_lm_batch()
     assert_exact(to_numpy(loaded(x)), to_numpy(merged.backbone(x)))
+
+
+class _Holder(keras.layers.Layer):
+    """Holds its variables in the containers custom layers use."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(2,), name="w")
+        self.pair = (self.add_weight(shape=(3,), name="p0"), 1.0)
+        self.table = {"inner": [self.add_weight(shape=(4,), name="t0")]}
+
+    def call(self, x):
+        return x
+
+
+def test_replace_variables_reaches_tuples_and_nested_containers():
+    from keras_lora._keras_private import replace_variables
+
+    holder = _Holder()
+    holder.build((1,))
+    old = [holder.w, holder.pair[0], holder.table["inner"][0]]
+    new = [keras.Variable(np.full(v.shape, 7.0, "float32")) for v in old]
+    mapping = {id(o): n for o, n in zip(old, new, strict=True)}
+    assert replace_variables(holder, mapping)
+    assert holder.w is new[0]
+    assert holder.pair[0] is new[1] and holder.pair[1] == 1.0
+    assert holder.table["inner"][0] is new[2]
