@@ -262,26 +262,12 @@ def _apply_stored_config(model, config):
     first = next(iter(layers.values()))
     from keras_lora.apply import iter_layers
 
-    names = {path for path, _ in iter_layers(model)}
-    if not set(layers) <= names and all(
-        "stable_path" in c for c in layers.values()
-    ):
-        # Layers by stable path: the same in a model built again, whatever
-        # names Keras numbered.
-        stable = stable_path_of(model)
+    # Layer paths as they are, or re-keyed by stable path for a model built
+    # again (whose names Keras numbered anew); a regex must fullmatch.
+    rename = _stable_rename(model, dict(iter_layers(model)), layers) or {}
 
-        def exact(stored):
-            want = layers[stored]["stable_path"]
-            return lambda path, layer: (
-                stable.get(id(layer)) == want
-                and _same_up_to_numbering(stored, path)
-            )
-
-    else:
-        # Files without stable paths: exact layer paths (a regex must
-        # fullmatch the whole path).
-        def exact(stored):
-            return re.compile(re.escape(stored))
+    def exact(stored):
+        return re.compile(re.escape(rename.get(stored, stored)))
 
     patterns = {p: exact(p) for p in layers}
     return apply_lora(
@@ -311,20 +297,20 @@ def _same_up_to_numbering(stored_path, model_path):
     )
 
 
-def _by_model_paths(model, layers, tensors, config):
-    """Re-keys a file's tensors and layer configs from the layer paths it
-    was saved with to `model`'s layer paths. When every stored layer path
-    exists in `model`, they are kept; otherwise (a model built again gets
-    layer names Keras numbered differently, e.g. `gemma_backbone_1`)
-    layers are matched by stable path (`keras_lora.walk`)."""
-    stored = config.get("layers") or {}
+def _stable_rename(model, layers, stored):
+    """`{stored layer path: model layer path}` by stable path, or `None`.
+
+    `None` when every stored path exists in `model` (`layers`: `{path:
+    layer}`), when the file has no stable paths, or when not every stored
+    layer has its own counterpart whose path differs only in Keras's
+    numbering (then nothing is loaded elsewhere: the mismatch is reported).
+    """
     if (
         not stored
         or set(stored) <= set(layers)
         or not all("stable_path" in c for c in stored.values())
     ):
-        # Layer paths that all exist are used as they are.
-        return tensors, stored
+        return None
     stable = stable_path_of(model)
     by_stable = {stable.get(id(layer)): path for path, layer in layers.items()}
     rename = {
@@ -334,8 +320,16 @@ def _by_model_paths(model, layers, tensors, config):
         and _same_up_to_numbering(old, by_stable[c["stable_path"]])
     }
     if len(rename) != len(stored) or len(set(rename.values())) != len(rename):
-        # Not every stored layer has its own counterpart: no re-keying, so
-        # the mismatch is reported instead of loading anything elsewhere.
+        return None
+    return rename
+
+
+def _by_model_paths(model, layers, tensors, config):
+    """Re-keys a file's tensors and layer configs from the layer paths it
+    was saved with to `model`'s layer paths (`_stable_rename`)."""
+    stored = config.get("layers") or {}
+    rename = _stable_rename(model, layers, stored)
+    if rename is None:
         return tensors, stored
     renamed = {}
     for key, value in tensors.items():

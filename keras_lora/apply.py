@@ -23,6 +23,7 @@ from keras_lora.layers.base import _plain_subclass
 from keras_lora.layers.base import validate_lora_args
 from keras_lora.layers.einsum_dense import factor_equation
 from keras_lora.saving import attach_plan
+from keras_lora.walk import is_weighted_leaf
 from keras_lora.walk import stable_layer_paths
 from keras_lora.walk import stable_path_of
 
@@ -367,9 +368,8 @@ def freeze_base(model, kept_layers=()):
         # (Keras's transfer-learning rule) instead of updating the moving
         # statistics it shares with `model` during `fit`.
         if (
-            layer.weights
+            is_weighted_leaf(layer)
             and not isinstance(layer, LoRALayer)
-            and not _keras_private.sublayers(layer)
             and not any(id(v) in kept for v in layer.weights)
         ):
             layer.trainable = False

@@ -18,6 +18,7 @@ import keras
 from keras_lora import _keras_private
 from keras_lora.layers.base import LORA_CONFIG_KEYS
 from keras_lora.layers.base import LoRALayer
+from keras_lora.walk import is_weighted_leaf
 from keras_lora.walk import stable_layer_paths
 
 REGISTERED_NAME = "keras_lora>LoRAModel"
@@ -78,8 +79,7 @@ def lora_plan(model):
             }
         elif (
             path
-            and not _keras_private.sublayers(layer)
-            and layer.weights
+            and is_weighted_leaf(layer)
             and any(v.trainable for v in layer.weights)
         ):
             kept.append(path)

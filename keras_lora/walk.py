@@ -41,3 +41,9 @@ def stable_path_of(model):
     return {
         id(layer): path for path, layer in stable_layer_paths(model).items()
     }
+
+
+def is_weighted_leaf(layer):
+    """Whether `layer` holds weights and no sub-layers (a frozen base's
+    layers that `apply_lora` marks `trainable=False` themselves)."""
+    return bool(layer.weights) and not _keras_private.sublayers(layer)
