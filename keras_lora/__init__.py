@@ -3,8 +3,6 @@
 from keras_lora.adapters import load_adapters
 from keras_lora.adapters import save_adapters
 from keras_lora.apply import apply_lora
-from keras_lora.apply import iter_layers
-from keras_lora.apply import lora_layers
 from keras_lora.apply import select_targets
 from keras_lora.distribution import lora_layout_map
 from keras_lora.distribution import variable_layouts
@@ -21,6 +19,8 @@ from keras_lora.merge import unload
 from keras_lora.merge import unmerge_adapters
 from keras_lora.summary import lora_report
 from keras_lora.summary import lora_summary
+from keras_lora.walk import iter_layers
+from keras_lora.walk import lora_layers
 
 __version__ = "0.1.0"
 

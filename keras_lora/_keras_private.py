@@ -210,3 +210,15 @@ def remat_mode(layer):
 
 def set_remat_mode(layer, mode):
     layer._remat_mode = mode
+
+
+def variable_layout(variable):
+    """The distribution layout a variable was created with, or None."""
+    return getattr(variable, "_layout", None)
+
+
+def unpickle_model(buffer):
+    """What Keras's `Model.__reduce__` unpickles a model's bytes with."""
+    import keras
+
+    return keras.Model._unpickle_model(buffer)

@@ -30,7 +30,10 @@ import keras
 import numpy as np
 
 from keras_lora.saving import base_class_of
+from keras_lora.walk import require_lora_layers
+from keras_lora.walk import reset_compiled_functions
 from keras_lora.walk import stable_path_of
+from keras_lora.walk import to_numpy
 
 #: Name of the safetensors metadata entry that holds the JSON config.
 CONFIG_KEY = "keras_lora_config"
@@ -61,7 +64,7 @@ def lora_layers(model):
     """Returns `{layer_path: lora_layer}` for every keras_lora layer.
 
     The package's one definition of a layer path,
-    `keras_lora.apply.lora_layers`: layer names joined with "/" from `model`
+    `keras_lora.lora_layers`: layer names joined with "/" from `model`
     down, through nested models and subclassed layers' attributes (e.g.
     `decoder_block_0/attention/query`).
 
@@ -71,16 +74,12 @@ def lora_layers(model):
     Returns:
         dict, ordered as the layers are found.
     """
-    from keras_lora.apply import lora_layers as apply_lora_layers
+    from keras_lora.walk import lora_layers as apply_lora_layers
 
     return dict(apply_lora_layers(model))
 
 
 # -- Collecting the adapter state -------------------------------------------
-
-
-def _to_numpy(value):
-    return np.asarray(keras.ops.convert_to_numpy(value))
 
 
 def _layer_variables(layer):
@@ -122,14 +121,7 @@ def adapter_state(model):
             merged in place (its base weights hold the adapter; unmerge
             first) or not built.
     """
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(
-            "`model` has no keras_lora layers; nothing to save. Received: "
-            f"model={getattr(model, 'name', model)!r} of type "
-            f"{type(model).__name__}. Apply LoRA first "
-            "(`keras_lora.apply_lora`)."
-        )
+    layers = require_lora_layers(model, "save adapters")
     tensors = {}
     layer_configs = {}
     stable = stable_path_of(model)
@@ -145,9 +137,9 @@ def adapter_state(model):
             )
         variables = _layer_variables(layer)
         for name, variable in variables.items():
-            value = _to_numpy(variable)
+            value = to_numpy(variable)
             if name == "bias" and layer.merged:
-                value = _to_numpy(layer._original_value("bias"))
+                value = to_numpy(layer._original_value("bias"))
             tensors[f"{path}.{name}"] = np.ascontiguousarray(value)
         layer_configs[path] = _layer_config(
             layer, variables, stable.get(id(layer))
@@ -260,7 +252,7 @@ def _apply_stored_config(model, config):
         ) from e
     layers = config["layers"]
     first = next(iter(layers.values()))
-    from keras_lora.apply import iter_layers
+    from keras_lora.walk import iter_layers
 
     # Layer paths as they are, or re-keyed by stable path for a model built
     # again (whose names Keras numbered anew); a regex must fullmatch.
@@ -461,14 +453,3 @@ def load_adapters(model, path):
     assign_adapter_state(layers, tensors, layer_configs)
     reset_compiled_functions(model)
     return model
-
-
-def reset_compiled_functions(model):
-    """Drops a model's compiled `fit`/`evaluate`/`predict` functions.
-
-    A layer's scaling (alpha) is a Python number traced into them; after it
-    changes they must be traced again.
-    """
-    for attr in ("train_function", "test_function", "predict_function"):
-        if getattr(model, attr, None) is not None:
-            setattr(model, attr, None)

@@ -30,6 +30,8 @@ import time
 import keras
 import numpy as np
 
+from keras_lora.walk import to_numpy
+
 #: Names of the adapter variables; none may reach a SavedModel.
 ADAPTER_VARIABLE_NAMES = ("lora_a", "lora_b")
 
@@ -108,7 +110,7 @@ def _check_path(path, overwrite):
 
 
 def _all_layers(model):
-    from keras_lora.apply import iter_layers
+    from keras_lora.walk import iter_layers
 
     return [layer for _, layer in iter_layers(model)]
 
@@ -134,12 +136,6 @@ def _merged_model(model):
     if left:
         raise ExportError(f"Layers still hold adapters after merge: {left}")
     return merged
-
-
-def _to_numpy_tree(structure):
-    return keras.tree.map_structure(
-        lambda x: np.asarray(keras.ops.convert_to_numpy(x)), structure
-    )
 
 
 def _spec_tree(input_signature):
@@ -479,8 +475,8 @@ def export_saved_model(
     spec_tree = None if input_signature is None else _spec_tree(input_signature)
     expected = None
     if check_inputs is not None:
-        check_inputs = _to_numpy_tree(check_inputs)
-        expected = _to_numpy_tree(model(check_inputs, training=False))
+        check_inputs = to_numpy(check_inputs)
+        expected = to_numpy(model(check_inputs, training=False))
     merged = _merged_model(model)
 
     parent = os.path.dirname(path)

@@ -2,10 +2,11 @@
 
 import keras
 
-from keras_lora.apply import lora_layers
 from keras_lora.clone import clone_model_sharing_variables
 from keras_lora.layers.base import LORA_CONFIG_KEYS
 from keras_lora.saving import REGISTERED_NAME
+from keras_lora.walk import require_lora_layers
+from keras_lora.walk import reset_compiled_functions
 
 _IN_PLACE_HINT = (
     "Use `keras_lora.merge_adapters(model)` to fold the adapters into the "
@@ -55,17 +56,6 @@ def _plain_configs(serialized):
     return {key: _plain_configs(value) for key, value in serialized.items()}
 
 
-def _require_adapters(model, what):
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(
-            f"Cannot {what}: the model has no keras_lora layers (was it "
-            "already merged or unloaded?). Received: model="
-            f"{getattr(model, 'name', model)!r}"
-        )
-    return layers
-
-
 def merge(model):
     """Returns a plain Keras model with every adapter folded into its weights.
 
@@ -100,7 +90,7 @@ def merge(model):
     >>> type(plain.layers[0]).__name__
     'Dense'
     """
-    layers = _require_adapters(model, "merge")
+    layers = require_lora_layers(model, "merge")
     values = {}
     for layer in layers.values():
         base = layer.base_weights()
@@ -121,7 +111,7 @@ def unload(model):
     Raises:
         ValueError: if `model` has no keras_lora layers.
     """
-    layers = _require_adapters(model, "unload")
+    layers = require_lora_layers(model, "unload")
     values = {}
     for layer in layers.values():
         if layer.merged:
@@ -130,14 +120,6 @@ def unload(model):
     return clone_model_sharing_variables(
         model, values=values, config_transform=_plain_configs, hint=_UNLOAD_HINT
     )
-
-
-def _reset_compiled_functions(model):
-    for attribute in ("train_function", "test_function", "predict_function"):
-        if hasattr(model, attribute):
-            setattr(model, attribute, None)
-    if hasattr(model, "generate_function"):
-        model.generate_function = None
 
 
 def merge_adapters(model):
@@ -149,13 +131,13 @@ def merge_adapters(model):
     Raises:
         ValueError: if `model` has no keras_lora layers or is already merged.
     """
-    layers = _require_adapters(model, "merge adapters")
+    layers = require_lora_layers(model, "merge adapters")
     merged = [p for p, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(f"Adapters already merged in place at {merged}.")
     for layer in layers.values():
         layer.merge_adapter()
-    _reset_compiled_functions(model)
+    reset_compiled_functions(model)
     return model
 
 
@@ -165,11 +147,11 @@ def unmerge_adapters(model):
     Raises:
         ValueError: if `model` has no keras_lora layers or none is merged.
     """
-    layers = _require_adapters(model, "unmerge adapters")
+    layers = require_lora_layers(model, "unmerge adapters")
     merged = [layer for layer in layers.values() if layer.merged]
     if not merged:
         raise ValueError("No adapter is merged in place; nothing to unmerge.")
     for layer in merged:
         layer.unmerge_adapter()
-    _reset_compiled_functions(model)
+    reset_compiled_functions(model)
     return model

@@ -41,12 +41,14 @@ from keras_lora.adapters import adapter_state
 from keras_lora.adapters import check_adapter_state
 from keras_lora.adapters import lora_layers
 from keras_lora.adapters import read_adapters
-from keras_lora.adapters import reset_compiled_functions
 from keras_lora.layers.base import lora_scaling
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
 from keras_lora.layers.embedding import LoRAReversibleEmbedding
+from keras_lora.walk import require_lora_layers
+from keras_lora.walk import reset_compiled_functions
+from keras_lora.walk import to_numpy
 
 #: The name given to the adapter a model already holds when a second one is
 #: added (PEFT's name for it, too).
@@ -54,10 +56,6 @@ DEFAULT_ADAPTER = "default"
 
 # (model id, adapter ids tensor) while a mixed batch runs.
 _MIXED = contextvars.ContextVar("keras_lora_mixed_batch", default=None)
-
-
-def _to_numpy(value):
-    return np.array(keras.ops.convert_to_numpy(value), dtype="float32")
 
 
 class AdapterBank:
@@ -83,7 +81,8 @@ class AdapterBank:
         layer = self.layer
         return {
             "values": {
-                n: _to_numpy(v) for n, v in layer.adapter_weights().items()
+                n: to_numpy(v, "float32")
+                for n, v in layer.adapter_weights().items()
             },
             "alpha": float(layer.adapter_alpha),
             "use_rslora": bool(layer.use_rslora),
@@ -156,15 +155,14 @@ class AdapterBank:
         return ops.einsum("b...r,bro->b...o", h, b)
 
     def _einsum_delta(self, layer, inputs, ids, training):
-        lhs, outputs = layer.equation.replace(" ", "").split("->")
-        spec = lhs.split(",")[0]
+        factored = layer.factored
+        spec, outputs = factored.inputs, factored.outputs
         batch = spec[0]
-        hidden = layer.equation_a.split("->")[1]
-        free = hidden[-1]
+        hidden, free = factored.hidden, factored.free
         if (
             spec.startswith(".")
             or batch not in outputs
-            or batch in lhs[len(spec) :]
+            or batch in factored.kernel
         ):
             raise NotImplementedError(
                 "Mixed-adapter batches need an EinsumDense equation whose "
@@ -217,13 +215,7 @@ class AdapterBank:
 
 
 def _layers(model, create=False):
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(
-            "`model` has no keras_lora layers. Received: model="
-            f"{getattr(model, 'name', model)!r}. Apply LoRA first "
-            "(`keras_lora.apply_lora`)."
-        )
+    layers = require_lora_layers(model, "use named adapters")
     banks = [layer.adapter_bank for layer in layers.values()]
     if any(b is not None and b.owner != id(model) for b in banks):
         raise ValueError(
@@ -325,10 +317,10 @@ def add_adapter(model, name, weights=None):
         tensors = {}
         for path, layer in layers.items():
             for a_name, b_name, a_shape, b_shape in layer.lora_shapes():
-                tensors[f"{path}.{a_name}"] = _to_numpy(
+                tensors[f"{path}.{a_name}"] = to_numpy(
                     layer.lora_a_initializer(a_shape, dtype="float32")
                 )
-                tensors[f"{path}.{b_name}"] = _to_numpy(
+                tensors[f"{path}.{b_name}"] = to_numpy(
                     layer.lora_b_initializer(b_shape, dtype="float32")
                 )
     elif isinstance(weights, dict):

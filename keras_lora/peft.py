@@ -29,10 +29,11 @@ import re
 
 import numpy as np
 
-from keras_lora.adapters import _to_numpy
 from keras_lora.adapters import assign_adapter_state
 from keras_lora.adapters import lora_layers
-from keras_lora.adapters import reset_compiled_functions
+from keras_lora.walk import require_lora_layers
+from keras_lora.walk import reset_compiled_functions
+from keras_lora.walk import to_numpy
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -150,7 +151,7 @@ def detect_architecture(model):
     Raises:
         ValueError: if no supported keras-hub backbone is found.
     """
-    from keras_lora.apply import iter_layers
+    from keras_lora.walk import iter_layers
 
     candidates = [model] + [layer for _, layer in iter_layers(model)]
     for layer in candidates:
@@ -229,12 +230,7 @@ def save_peft_adapter(
     """
     from safetensors.numpy import save_file
 
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(
-            "`model` has no keras_lora layers; nothing to export. Received: "
-            f"model of type {type(model).__name__}."
-        )
+    layers = require_lora_layers(model, "export PEFT adapters")
     architecture = architecture or detect_architecture(model)
     _check_architecture(architecture)
     prefix = DEFAULT_PREFIX[architecture] if prefix is None else prefix
@@ -265,8 +261,8 @@ def save_peft_adapter(
     tensors = {}
     for path, layer in layers.items():
         key = prefix + modules[path]
-        a = _to_numpy(layer.lora_a)
-        b = _to_numpy(layer.lora_b)
+        a = to_numpy(layer.lora_a)
+        b = to_numpy(layer.lora_b)
         tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b.T)
     rank = _most_common(layer.adapter_rank for layer in layers.values())
@@ -424,7 +420,7 @@ def load_peft_adapter(model, directory, architecture=None):
         ValueError: unsupported PEFT options or tensors; modules with no
             keras-hub layer (listed); shapes that do not fit (listed).
     """
-    from keras_lora.apply import iter_layers
+    from keras_lora.walk import iter_layers
 
     config, modules = read_peft_adapter(directory)
     architecture = architecture or detect_architecture(model)

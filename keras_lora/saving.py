@@ -16,9 +16,12 @@ Keras's "Could not locate class" error naming `keras_lora>LoRAModel`.
 import keras
 
 from keras_lora import _keras_private
+from keras_lora.convert import convert_layer
+from keras_lora.convert import freeze_base
 from keras_lora.layers.base import LORA_CONFIG_KEYS
 from keras_lora.layers.base import LoRALayer
 from keras_lora.walk import is_weighted_leaf
+from keras_lora.walk import lora_layers
 from keras_lora.walk import stable_layer_paths
 
 REGISTERED_NAME = "keras_lora>LoRAModel"
@@ -114,8 +117,6 @@ def attach_plan(model):
     class: their config already holds the keras_lora layers. Models nested
     in `model` (a keras-hub task's `backbone`) get their own plan class
     the same way, so each saves, pickles and reloads on its own."""
-    from keras_lora.apply import lora_layers
-
     nested = [
         layer
         for path, layer in stable_layer_paths(model).items()
@@ -135,9 +136,6 @@ def attach_plan(model):
 
 def restore_plan(model, plan):
     """Converts the layers `plan` names and freezes the base (on load)."""
-    from keras_lora.apply import convert_layer
-    from keras_lora.apply import freeze_base
-
     layers = stable_layer_paths(model)
     missing = sorted(set(plan["layers"]) - set(layers))
     if missing:
@@ -175,7 +173,7 @@ def _reduce(self):
     # Keras pickles a model as its `.keras` bytes and `cls._unpickle_model`;
     # this class is made at run time, so point pickle at keras.Model's.
     _, args = type(self).keras_lora_base_class.__reduce__(self)
-    return keras.Model._unpickle_model, args
+    return _keras_private.unpickle_model, args
 
 
 def _save_to_preset(self, preset_dir, *args, **kwargs):

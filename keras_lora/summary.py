@@ -6,9 +6,9 @@ import math
 from rich.console import Console
 from rich.table import Table
 
-from keras_lora.apply import iter_layers
-from keras_lora.apply import lora_class_for
-from keras_lora.apply import lora_layers
+from keras_lora.convert import lora_class_for
+from keras_lora.walk import iter_layers
+from keras_lora.walk import lora_layers
 
 
 def _count(variables):

@@ -11,8 +11,10 @@ sits where its `Dense` sat), so a model and its adapted clone agree.
 """
 
 import keras
+import numpy as np
 
 from keras_lora import _keras_private
+from keras_lora.layers import LoRALayer
 
 
 def _list_name(obj):
@@ -47,3 +49,89 @@ def is_weighted_leaf(layer):
     """Whether `layer` holds weights and no sub-layers (a frozen base's
     layers that `apply_lora` marks `trainable=False` themselves)."""
     return bool(layer.weights) and not _keras_private.sublayers(layer)
+
+
+def iter_layers(model):
+    """Yields `(path, layer)` for every layer under `model`, at any depth.
+
+    A layer's path is the chain of layer names from `model` down to it
+    (`model` itself not included): `decoder_block_0/attention/query` in a
+    keras-hub `GemmaBackbone`, `gemma_backbone/decoder_block_0/attention/query`
+    in a `GemmaCausalLM`, `inner_model/dense` for a model nested in a model.
+    It depends only on the model's structure, so it is the same in a rebuilt
+    model. Sub-layers that subclassed layers hold as attributes or in lists
+    are included; a layer used at several places is yielded once.
+
+    Args:
+        model: a `keras.Model` or `keras.layers.Layer`.
+
+    Yields:
+        `(str, keras.layers.Layer)` pairs, parents before children.
+    """
+    seen = set()
+
+    def walk(layer, prefix):
+        for sub in _keras_private.sublayers(layer):
+            if id(sub) in seen or isinstance(sub, keras.layers.InputLayer):
+                continue
+            seen.add(id(sub))
+            path = f"{prefix}/{sub.name}" if prefix else sub.name
+            yield path, sub
+            yield from walk(sub, path)
+
+    yield from walk(model, "")
+
+
+def lora_layers(model):
+    """Returns `{path: layer}` for every keras_lora layer in `model`."""
+    return {
+        p: lay for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)
+    }
+
+
+def require_lora_layers(model, what, include_self=False):
+    """`lora_layers(model)`, or a ValueError saying `what` needs them.
+
+    Args:
+        model: a model or layer.
+        what: str, what the caller cannot do without adapters, e.g.
+            `"merge"` (the message reads "Cannot merge: ...").
+        include_self: bool, whether `model` itself counts when it is a
+            keras_lora layer (under the path `""`).
+    """
+    layers = lora_layers(model)
+    if include_self and isinstance(model, LoRALayer):
+        layers = {"": model, **layers}
+    if not layers:
+        raise ValueError(
+            f"Cannot {what}: `model` has no keras_lora layers (apply LoRA "
+            "first with `keras_lora.apply_lora`; or was it already merged "
+            f"or unloaded?). Received: model={getattr(model, 'name', model)!r}"
+            f" of type {type(model).__name__}"
+        )
+    return layers
+
+
+def reset_compiled_functions(model):
+    """Drops a model's compiled `fit`/`evaluate`/`predict` functions and a
+    keras-hub task's `generate_function`.
+
+    A layer's scaling, active adapter or merged state is Python state traced
+    into them; after it changes they must be traced again.
+    """
+    for attribute in (
+        "train_function",
+        "test_function",
+        "predict_function",
+        "generate_function",
+    ):
+        if getattr(model, attribute, None) is not None:
+            setattr(model, attribute, None)
+
+
+def to_numpy(structure, dtype=None):
+    """A tensor, variable or nested structure of them as NumPy arrays."""
+    return keras.tree.map_structure(
+        lambda x: np.asarray(keras.ops.convert_to_numpy(x), dtype=dtype),
+        structure,
+    )

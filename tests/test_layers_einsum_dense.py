@@ -231,7 +231,7 @@ def test_gemma_query_parameter_count():
     """PEFT's factorization (all input axes x all output axes): for a
     Gemma2-2B-shaped query (d=2304, 8 heads x 256), rank 4 gives
     4 * (2304 + 2048) adapter numbers, not Keras's last-axis split."""
-    in_axes, out_axes, eq_a, eq_b = factor_equation("btd,ndh->btnh")
+    in_axes, out_axes, eq_a, eq_b = factor_equation("btd,ndh->btnh")[:4]
     assert in_axes == ("d",) and out_axes == ("n", "h")
     layer = kl.LoRAEinsumDense("btd,ndh->btnh", (None, 8, 256), rank=4)
     layer.build((None, None, 2304))

@@ -18,7 +18,7 @@ import warnings
 import keras
 from keras import ops
 
-from keras_lora.distribution import adapter_layout_scope
+from keras_lora.layers.layout import adapter_layout_scope
 
 # Names of the frozen weights of the Keras layers we adapt, in Keras's order.
 BASE_WEIGHT_NAMES = ("kernel", "bias", "embeddings", "reverse_embeddings")
@@ -139,7 +139,7 @@ def _sharing(layer, variables):
         _SHARED_VARIABLES.reset(token)
 
 
-def _plain_subclass(layer_class, base_class):
+def is_plain_subclass(layer_class, base_class):
     """True when `layer_class` computes exactly like `base_class`."""
     return (
         all(
@@ -293,6 +293,25 @@ class LoRALayer:
     def weight_deltas(self):
         """Returns `{base_weight_name: float32 s * A @ B in its shape}`."""
         raise NotImplementedError
+
+    def adapter_axis_groups(self, base_shape, a_ndim):
+        """Which axes of the adapted base weight A's and B's axes cover.
+
+        Args:
+            base_shape: the base weight's shape.
+            a_ndim: the number of axes of A (its last is the rank axis).
+
+        Returns:
+            `(a_groups, b_groups)`: one list of base-weight axis indices per
+            non-rank axis of A and of B, in flattening order. By default A's
+            axes are the base weight's leading axes and B's the rest (Dense,
+            Conv2D, Embedding); `LoRAEinsumDense` maps its kernel's axes.
+        """
+        split = a_ndim - 1
+        return (
+            [[i] for i in range(split)],
+            [[i] for i in range(split, len(base_shape))],
+        )
 
     # -- Forward helpers ----------------------------------------------------
 
@@ -547,7 +566,7 @@ class LoRALayer:
                 f"`layer` is already a keras_lora layer. Received: "
                 f"layer={layer.name!r} of type {type(layer).__name__}"
             )
-        if not isinstance(layer, base) or not _plain_subclass(
+        if not isinstance(layer, base) or not is_plain_subclass(
             type(layer), base
         ):
             raise TypeError(

@@ -118,7 +118,7 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
         self.build_lora()
 
     def lora_shapes(self):
-        kernel_shape = tuple(self._kernel.shape)
+        kernel_shape = tuple(self.base_weights()["kernel"].shape)
         r = self.adapter_rank
         return [
             ("lora_a", "lora_b", kernel_shape[:-1] + (r,), (r, self.filters))

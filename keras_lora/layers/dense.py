@@ -125,7 +125,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         self.build_lora()
 
     def lora_shapes(self):
-        d_in, units = self._kernel.shape
+        d_in, units = self.base_weights()["kernel"].shape
         return [
             (
                 "lora_a",

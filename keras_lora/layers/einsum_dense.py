@@ -2,6 +2,7 @@
 
 import math
 import string
+import typing
 
 import keras
 from keras import ops
@@ -11,20 +12,40 @@ from keras_lora.layers.base import low_rank_matmul
 from keras_lora.layers.base import validate_lora_args
 
 
+class FactoredEquation(typing.NamedTuple):
+    """An `EinsumDense` equation and the two einsums of its LoRA branch."""
+
+    in_axes: tuple
+    out_axes: tuple
+    equation_a: str
+    equation_b: str
+    inputs: str
+    kernel: str
+    outputs: str
+    hidden: str
+    free: str
+    as_matmul: bool
+
+
 def factor_equation(equation):
     """Splits an EinsumDense equation into the two LoRA einsums.
 
     The kernel is factored as a matrix of (all its input axes) x (all its
     output axes), as PEFT does for a `q_proj` weight: for Gemma's query
-    `"btd,ndh->btnh"`, A is (d, r) and B is (r, n*h).
+    `"btd,ndh->btnh"`, A is (d, r) and B is (r, n*h). This is the one place
+    keras_lora parses an einsum equation.
 
     Args:
         equation: str, an `EinsumDense` equation `"inputs,kernel->outputs"`.
 
     Returns:
-        `(in_axes, out_axes, equation_a, equation_b)`: the kernel's
-        contracted axes and output axes (each in kernel order), the einsum
-        computing `x @ A` and the one computing `(x @ A) @ B`.
+        A `FactoredEquation`: the kernel's contracted axes and output axes
+        (each in kernel order), the einsum computing `x @ A` and the one
+        computing `(x @ A) @ B`, the equation's input, kernel and output
+        specs, the spec of `x @ A` and its rank letter, and whether the
+        branch is `x.reshape(..., d_in) @ A @ B` (the inputs end with the
+        contracted axes in kernel order and the outputs are the other input
+        axes followed by the output axes, e.g. `"btd,ndh->btnh"`).
 
     Raises:
         ValueError: if the kernel has an axis that is both contracted and
@@ -51,23 +72,21 @@ def factor_equation(equation):
         )
     free = next(c for c in string.ascii_letters if c not in equation)
     hidden = "".join(c for c in inputs if c not in in_axes) + free
-    equation_a = f"{inputs},{''.join(in_axes)}{free}->{hidden}"
-    equation_b = f"{hidden},{free}{''.join(out_axes)}->{outputs}"
-    return in_axes, out_axes, equation_a, equation_b
-
-
-def matmul_layout(equation, in_axes, out_axes):
-    """Whether the LoRA branch of `equation` is `x.reshape(..., d_in) @ A @ B`.
-
-    True when the inputs end with the contracted axes in kernel order and
-    the outputs are the other input axes followed by the output axes in
-    kernel order, e.g. `"btd,ndh->btnh"` or `"...nh,nhd->...d"`.
-    """
-    lhs, outputs = equation.replace(" ", "").split("->")
-    inputs = lhs.split(",")[0]
     contracted = "".join(in_axes)
     lead = inputs[: len(inputs) - len(contracted)]
-    return inputs.endswith(contracted) and outputs == lead + "".join(out_axes)
+    return FactoredEquation(
+        in_axes=in_axes,
+        out_axes=out_axes,
+        equation_a=f"{inputs},{contracted}{free}->{hidden}",
+        equation_b=f"{hidden},{free}{''.join(out_axes)}->{outputs}",
+        inputs=inputs,
+        kernel=kernel,
+        outputs=outputs,
+        hidden=hidden,
+        free=free,
+        as_matmul=inputs.endswith(contracted)
+        and outputs == lead + "".join(out_axes),
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -171,20 +190,29 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         self.build_lora()
 
     def build_lora(self):
-        self.in_axes, self.out_axes, self.equation_a, self.equation_b = (
-            factor_equation(self.equation)
-        )
-        kernel_spec = self.equation.replace(" ", "").split("->")[0]
-        kernel_spec = kernel_spec.split(",")[1]
-        shape = dict(zip(kernel_spec, self._kernel.shape, strict=True))
+        self.factored = factor_equation(self.equation)
+        self.in_axes = self.factored.in_axes
+        self.out_axes = self.factored.out_axes
+        self.equation_a = self.factored.equation_a
+        self.equation_b = self.factored.equation_b
+        self.lora_as_matmul = self.factored.as_matmul
+        kernel_spec = self.factored.kernel
+        kernel_shape = self.base_weights()["kernel"].shape
+        shape = dict(zip(kernel_spec, kernel_shape, strict=True))
         self.in_dims = tuple(shape[c] for c in self.in_axes)
         self.out_dims = tuple(shape[c] for c in self.out_axes)
         order = self.in_axes + self.out_axes
         self.kernel_permutation = tuple(order.index(c) for c in kernel_spec)
-        self.lora_as_matmul = matmul_layout(
-            self.equation, self.in_axes, self.out_axes
-        )
         self.build_adapters()
+
+    def adapter_axis_groups(self, base_shape, a_ndim):
+        """A covers the kernel's contracted axes, B its output axes (each
+        flattened in kernel order); see `LoRALayer.adapter_axis_groups`."""
+        kernel = self.factored.kernel
+        return (
+            [[kernel.index(c) for c in self.in_axes]],
+            [[kernel.index(c) for c in self.out_axes]],
+        )
 
     def lora_shapes(self):
         r = self.adapter_rank

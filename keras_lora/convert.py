@@ -1,0 +1,109 @@
+"""Layer surgery: which keras_lora class adapts a layer, converting a built
+layer in place, and freezing everything but the adapters."""
+
+import keras
+
+from keras_lora import _keras_private
+from keras_lora.layers import LoRAConv2D
+from keras_lora.layers import LoRADense
+from keras_lora.layers import LoRAEinsumDense
+from keras_lora.layers import LoRAEmbedding
+from keras_lora.layers import LoRALayer
+from keras_lora.layers import LoRAReversibleEmbedding
+from keras_lora.layers.base import is_plain_subclass
+from keras_lora.layers.base import validate_lora_args
+from keras_lora.walk import is_weighted_leaf
+from keras_lora.walk import iter_layers
+from keras_lora.walk import lora_layers
+
+# Most specific first: ReversibleEmbedding is an Embedding.
+LORA_CLASSES = (
+    LoRAReversibleEmbedding,
+    LoRAEmbedding,
+    LoRAEinsumDense,
+    LoRAConv2D,
+    LoRADense,
+)
+
+
+def lora_class_for(layer):
+    """The keras_lora class that adapts `layer`, or None."""
+    for cls in LORA_CLASSES:
+        if isinstance(layer, cls.base_class) and is_plain_subclass(
+            type(layer), cls.base_class
+        ):
+            return cls
+    return None
+
+
+def convert_layer(layer, lora_class, **lora_args):
+    """Turns a built Keras layer into a keras_lora layer in place.
+
+    The object stays the same (so every reference to it, functional graph
+    nodes and parent attributes included, now sees the LoRA layer and a
+    layer shared by several call sites gets one adapter); its variables are
+    kept, frozen, and the adapter variables are created under the layer's
+    own name-scope path.
+    """
+    rank, alpha, dropout, use_rslora, train_bias = validate_lora_args(
+        lora_args["rank"],
+        lora_args["alpha"],
+        lora_args["dropout"],
+        lora_args["use_rslora"],
+        lora_args.get("train_bias", False),
+    )
+    original_class = type(layer)
+    parent = layer.path.rpartition("/")[0] or None
+    layer.__class__ = lora_class
+    try:
+        defaults = lora_class.default_initializers()
+        a_init = lora_args.get("lora_a_initializer") or defaults[0]
+        b_init = lora_args.get("lora_b_initializer") or defaults[1]
+        with _keras_private.unlocked(layer):
+            layer._init_lora(
+                rank, alpha, dropout, use_rslora, a_init, b_init, train_bias
+            )
+            layer.merge_class = original_class
+            _keras_private.refresh_call_signature(layer)
+            with keras.name_scope(
+                layer.name, caller=layer, override_parent=parent
+            ):
+                layer.build_lora()
+        layer.freeze_base_weights()
+    except Exception:
+        layer.__class__ = original_class
+        raise
+    return layer
+
+
+def freeze_base(model, kept_layers=()):
+    """Freezes every variable of `model` except the adapters, the biases of
+    LoRA layers built with `train_bias=True`, and the weights of the layers
+    whose ids are in `kept_layers` (`apply_lora`'s `trainable_layers`)."""
+    adapters = {
+        id(v)
+        for lay in lora_layers(model).values()
+        for v in lay.adapter_weights().values()
+    }
+    kept = set()
+    for _, layer in iter_layers(model):
+        if id(layer) in kept_layers:
+            kept.update(id(v) for v in layer.weights)
+        elif isinstance(layer, LoRALayer) and layer.train_bias:
+            bias = layer.base_weights().get("bias")
+            if bias is not None:
+                kept.add(id(bias))
+    for variable in model.weights:
+        variable.trainable = id(variable) in adapters or id(variable) in kept
+    for _, layer in iter_layers(model):
+        # A frozen leaf layer gets `trainable=False` itself, not only its
+        # variables: the flag is saved in `.keras` configs (reload keeps the
+        # base frozen), and BatchNormalization then runs in inference mode
+        # (Keras's transfer-learning rule) instead of updating the moving
+        # statistics it shares with `model` during `fit`.
+        if (
+            is_weighted_leaf(layer)
+            and not isinstance(layer, LoRALayer)
+            and not any(id(v) in kept for v in layer.weights)
+        ):
+            layer.trainable = False
