@@ -7,7 +7,9 @@ if a Keras release moves one, only this module changes.
 # Attaches a mask to an eager tensor or KerasTensor, as Keras's own
 # ReversibleEmbedding does in `call` (its `compute_mask` returns None).
 import contextlib
+import contextvars
 import inspect
+import threading
 
 from keras.src.backend import set_keras_mask  # noqa: F401
 
@@ -222,3 +224,59 @@ def unpickle_model(buffer):
     import keras
 
     return keras.Model._unpickle_model(buffer)
+
+
+# -- Variable creation hook -------------------------------------------------
+
+_PROVIDER = contextvars.ContextVar("keras_lora_weight_provider", default=None)
+_HOOK_LOCK = threading.Lock()
+_HOOK = {}
+
+
+def _install_weight_hook():
+    """Wraps `keras.layers.Layer.add_weight` once, so it asks the provider
+    of the current context (if any) for each new variable."""
+    import keras
+
+    with _HOOK_LOCK:
+        if _HOOK:
+            return
+        create = keras.layers.Layer.add_weight
+
+        def add_weight(self, *args, **kwargs):
+            provider = _PROVIDER.get()
+            if provider is None:
+                return create(self, *args, **kwargs)
+            return provider(self, create, args, kwargs)
+
+        add_weight.__doc__ = create.__doc__
+        add_weight.__wrapped__ = create
+        keras.layers.Layer.add_weight = add_weight
+        _HOOK["create"] = create
+
+
+@contextlib.contextmanager
+def providing_weights(provider):
+    """Routes every `Layer.add_weight` call made in this context to
+    `provider(layer, create, args, kwargs)`, which returns the variable:
+    `create(layer, *args, **kwargs)` (Keras's own `add_weight`) or an
+    existing one. The context is the current thread or asyncio task (a
+    `contextvars.ContextVar`), so layers built elsewhere meanwhile are not
+    affected. Scopes nest: the innermost provider is asked first, and its
+    `create` asks the enclosing scope's provider."""
+    _install_weight_hook()
+    outer = _PROVIDER.get()
+    if outer is not None:
+        inner = provider
+
+        def provider(layer, create, args, kwargs):
+            def create_outside(owner, *a, **k):
+                return outer(owner, create, a, k)
+
+            return inner(layer, create_outside, args, kwargs)
+
+    token = _PROVIDER.set(provider)
+    try:
+        yield
+    finally:
+        _PROVIDER.reset(token)

@@ -11,7 +11,6 @@ shape checks. Variables created where Keras auto-numbered a name differently
 are allocated while the clone is built and freed once replaced.
 """
 
-import contextlib
 import warnings
 
 import keras
@@ -69,29 +68,27 @@ class _VariableIndex:
         return candidates[0]
 
 
-@contextlib.contextmanager
 def _reusing_variables(index, values, stand_ins):
-    """While active, `Layer.add_weight` returns the model's variable that
+    """A scope in which `Layer.add_weight` returns the model's variable that
     `index` proposes for the new variable's path, or (for variables in
     `values`, keyed by `id`) a new variable holding the given value, listed
     in `stand_ins` as `{id(new): id(original)}`; paths without a proposal
     get a new variable."""
-    original_add_weight = keras.layers.Layer.add_weight
 
-    def add_weight(self, *args, **kwargs):
+    def provide(self, create, args, kwargs):
         name = kwargs.get("name")
         with keras.name_scope(self.name, caller=self):
             path = f"{_keras_private.current_path()}/{name}"
         variable = index.find(path)
         if variable is None:
-            return original_add_weight(self, *args, **kwargs)
+            return create(self, *args, **kwargs)
         shape = kwargs.get("shape", args[0] if args else None)
         if shape is not None and tuple(shape) != tuple(variable.shape):
-            return original_add_weight(self, *args, **kwargs)
+            return create(self, *args, **kwargs)
         if id(variable) in values:
             value = values[id(variable)]
             kwargs["initializer"] = lambda shape, dtype=None: value
-            new = original_add_weight(self, *args, **kwargs)
+            new = create(self, *args, **kwargs)
             stand_ins[id(new)] = id(variable)
             return new
         # Track it in the list (trainable or not) a new variable would go
@@ -103,11 +100,7 @@ def _reusing_variables(index, values, stand_ins):
         variable.trainable = frozen
         return variable
 
-    keras.layers.Layer.add_weight = add_weight
-    try:
-        yield
-    finally:
-        keras.layers.Layer.add_weight = original_add_weight
+    return _keras_private.providing_weights(provide)
 
 
 def _base_variables(layer):

@@ -169,3 +169,43 @@ def test_no_module_imports_another_modules_private_names():
         and target != name
     ]
     assert not violations, violations
+
+
+def test_weight_providers_are_scoped_to_their_thread_and_nest():
+    """`providing_weights` changes `add_weight` only in its own context
+    (another thread building a layer meanwhile gets Keras's behaviour),
+    and an inner scope falls through to the outer one."""
+    import threading
+
+    import keras
+    import numpy as np
+
+    from keras_lora._keras_private import providing_weights
+
+    calls = []
+
+    def outer(layer, create, args, kwargs):
+        calls.append(("outer", kwargs.get("name")))
+        return create(layer, *args, **kwargs)
+
+    def inner(layer, create, args, kwargs):
+        calls.append(("inner", kwargs.get("name")))
+        return create(layer, *args, **kwargs)
+
+    other = {}
+    with providing_weights(outer):
+        thread = threading.Thread(
+            target=lambda: other.update(
+                layer=keras.layers.Dense(2, use_bias=False).build((None, 3))
+            )
+        )
+        thread.start()
+        thread.join()
+        assert calls == []  # the other thread's kernel
+        with providing_weights(inner):
+            keras.layers.Dense(2, use_bias=False).build((None, 3))
+    assert calls == [("inner", "kernel"), ("outer", "kernel")]
+    layer = keras.layers.Dense(2, use_bias=False)
+    layer.build((None, 3))
+    assert calls == [("inner", "kernel"), ("outer", "kernel")]
+    assert np.asarray(layer.kernel).shape == (3, 2)

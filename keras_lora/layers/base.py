@@ -8,8 +8,6 @@ orientation). The scaling `s` is `alpha / rank`, or `alpha / sqrt(rank)`
 with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732).
 """
 
-import contextlib
-import contextvars
 import inspect
 import math
 import numbers
@@ -18,6 +16,7 @@ import warnings
 import keras
 from keras import ops
 
+from keras_lora import _keras_private
 from keras_lora.layers.layout import adapter_layout_scope
 
 # Names of the frozen weights of the Keras layers we adapt, in Keras's order.
@@ -33,9 +32,6 @@ LORA_CONFIG_KEYS = (
     "lora_b_initializer",
     "train_bias",
 )
-
-# While `from_layer` builds a LoRA layer, the base layer's variables to reuse.
-_SHARED_VARIABLES = contextvars.ContextVar("keras_lora_shared", default=None)
 
 
 def _is_real_number(value):
@@ -130,13 +126,21 @@ def low_rank_matmul(x, a, b, out_dims=None, in_ndim=1):
     return ops.reshape(y, lead + out_dims)
 
 
-@contextlib.contextmanager
 def _sharing(layer, variables):
-    token = _SHARED_VARIABLES.set((layer, variables))
-    try:
-        yield
-    finally:
-        _SHARED_VARIABLES.reset(token)
+    """A scope in which `layer`'s base weights are the given variables
+    (`{name: variable}`, popped as they are used) instead of new ones."""
+
+    def provide(owner, create, args, kwargs):
+        variable = None
+        if owner is layer:
+            variable = variables.pop(kwargs.get("name"), None)
+        if variable is None:
+            return create(owner, *args, **kwargs)
+        # Keras tracks the variable when the base build assigns it.
+        variable.trainable = kwargs.get("trainable", True)
+        return variable
+
+    return _keras_private.providing_weights(provide)
 
 
 def is_plain_subclass(layer_class, base_class):
@@ -233,15 +237,7 @@ class LoRALayer:
             # derived from its base weight's, never the layout map's regex.
             with adapter_layout_scope(self, name):
                 return super().add_weight(*args, **kwargs)
-        trainable = name == "bias" and self.train_bias
-        shared = _SHARED_VARIABLES.get()
-        if shared is not None and shared[0] is self:
-            variable = shared[1].pop(name, None)
-            if variable is not None:
-                # Keras tracks the variable when the base build assigns it.
-                variable.trainable = trainable
-                return variable
-        kwargs["trainable"] = trainable
+        kwargs["trainable"] = name == "bias" and self.train_bias
         return super().add_weight(*args, **kwargs)
 
     def build_lora(self):
