@@ -42,10 +42,6 @@ from keras_lora.adapters import check_adapter_state
 from keras_lora.adapters import lora_layers
 from keras_lora.adapters import read_adapters
 from keras_lora.layers.base import lora_scaling
-from keras_lora.layers.dense import LoRADense
-from keras_lora.layers.einsum_dense import LoRAEinsumDense
-from keras_lora.layers.embedding import LoRAEmbedding
-from keras_lora.layers.embedding import LoRAReversibleEmbedding
 from keras_lora.walk import require_lora_layers
 from keras_lora.walk import reset_compiled_functions
 from keras_lora.walk import to_numpy
@@ -133,82 +129,11 @@ class AdapterBank:
                 "running a mixed batch."
             )
         ids = state[1]
-        if isinstance(layer, LoRAReversibleEmbedding) and reverse:
-            return self._reverse_delta(layer, inputs, ids, training)
-        if isinstance(layer, (LoRAEmbedding, LoRAReversibleEmbedding)):
-            return self._lookup_delta(layer, inputs, ids, training)
-        if isinstance(layer, LoRAEinsumDense):
-            return self._einsum_delta(layer, inputs, ids, training)
-        if isinstance(layer, LoRADense):
-            return self._dense_delta(layer, inputs, ids, training)
-        raise NotImplementedError(
-            f"Mixed-adapter batches support Dense, EinsumDense and Embedding "
-            f"LoRA layers. Received: layer '{layer.name}' of type "
-            f"{type(layer).__name__}."
-        )
-
-    def _dense_delta(self, layer, inputs, ids, training):
+        if reverse:
+            a, b = self._stacked(*layer.reverse_pair())
+            return layer.reverse_branch(inputs, a, b, training, adapter_ids=ids)
         a, b = self._stacked("lora_a", "lora_b")
-        a, b = ops.take(a, ids, axis=0), ops.take(b, ids, axis=0)
-        x = ops.cast(layer.lora_dropout(inputs, training), a.dtype)
-        h = ops.einsum("b...i,bir->b...r", x, a)
-        return ops.einsum("b...r,bro->b...o", h, b)
-
-    def _einsum_delta(self, layer, inputs, ids, training):
-        factored = layer.factored
-        spec, outputs = factored.inputs, factored.outputs
-        batch = spec[0]
-        hidden, free = factored.hidden, factored.free
-        if (
-            spec.startswith(".")
-            or batch not in outputs
-            or batch in factored.kernel
-        ):
-            raise NotImplementedError(
-                "Mixed-adapter batches need an EinsumDense equation whose "
-                "first input axis is a named batch axis kept in the output. "
-                f"Received: equation={layer.equation!r} in layer "
-                f"'{layer.name}'."
-            )
-        a, b = self._stacked("lora_a", "lora_b")
-        r = layer.adapter_rank
-        a = ops.reshape(ops.take(a, ids, axis=0), (-1,) + layer.in_dims + (r,))
-        b = ops.reshape(ops.take(b, ids, axis=0), (-1, r) + layer.out_dims)
-        in_axes = "".join(layer.in_axes)
-        out_axes = "".join(layer.out_axes)
-        x = ops.cast(layer.lora_dropout(inputs, training), a.dtype)
-        h = ops.einsum(f"{spec},{batch}{in_axes}{free}->{hidden}", x, a)
-        return ops.einsum(f"{hidden},{batch}{free}{out_axes}->{outputs}", h, b)
-
-    def _lookup_delta(self, layer, inputs, ids, training):
-        a, b = self._stacked("lora_a", "lora_b")
-        n, vocab, r = a.shape
-        tokens = ops.cast(inputs, "int32")
-        offsets = ops.reshape(
-            ops.multiply(ops.cast(ids, "int32"), vocab),
-            (-1,) + (1,) * (len(tokens.shape) - 1),
-        )
-        rows = ops.take(
-            ops.reshape(a, (n * vocab, r)), ops.add(tokens, offsets), axis=0
-        )
-        noise_shape = tuple(ops.shape(rows)[:-1]) + (1,)
-        rows = layer.lora_dropout(rows, training, noise_shape=noise_shape)
-        return ops.einsum("b...r,bro->b...o", rows, ops.take(b, ids, axis=0))
-
-    def _reverse_delta(self, layer, x, ids, training):
-        x = layer.lora_dropout(x, training)
-        if layer.tie_weights:
-            # logits += s * (x @ B.T) @ A.T, per example.
-            a, b = self._stacked("lora_a", "lora_b")
-            a = ops.cast(ops.take(a, ids, axis=0), x.dtype)
-            b = ops.cast(ops.take(b, ids, axis=0), x.dtype)
-            h = ops.einsum("b...d,brd->b...r", x, b)
-            return ops.einsum("b...r,bvr->b...v", h, a)
-        a, b = self._stacked("reverse_lora_a", "reverse_lora_b")
-        a = ops.cast(ops.take(a, ids, axis=0), x.dtype)
-        b = ops.cast(ops.take(b, ids, axis=0), x.dtype)
-        h = ops.einsum("b...d,bdr->b...r", x, a)
-        return ops.einsum("b...r,brv->b...v", h, b)
+        return layer.branch(inputs, a, b, training, adapter_ids=ids)
 
 
 # -- Model-level API ----------------------------------------------------------

@@ -340,3 +340,44 @@ def test_banks_belong_to_the_model_they_were_added_through(lm):
     with pytest.raises(ValueError, match="another model object"):
         multi.add_adapter(outer, "x")
     assert multi.list_adapters(model) == ["default", "b", "c"]
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_c22_conv2d_mixed_batch_gives_each_example_its_adapter(groups):
+    """C22: Conv2D(4, 3), rank 2, "default" and "b" with different B, a
+    mixed batch of 2 images assigned "default" and "b": each image gets
+    its own adapter's output (the same as running it alone with that
+    adapter active), and the two differ."""
+    inputs = keras.Input((6, 6, 2))
+    layer = keras_lora.LoRAConv2D(4, 3, groups=groups, rank=2, name="conv")
+    model = keras.Model(inputs, layer(inputs))
+    assign(model, random_adapter(model, 0))
+    multi.add_adapter(model, "b", random_adapter(model, 1))
+    b_tensors = multi.adapter_tensors(model, "b")
+    assert not close(b_tensors["conv.lora_b"], to_numpy(layer.lora_b))
+    x = np.random.default_rng(4).normal(size=(2, 6, 6, 2)).astype("float32")
+    adapter_ids = np.array([0, 1], "int32")
+    expected = per_example_reference(model, x, adapter_ids)
+    out = to_numpy(multi.mixed_batch_call(model, x, adapter_ids))
+    assert_close(out, expected)
+    assert not close(out[0], per_example_reference(model, x, [1, 1])[0])
+    assert not close(out[1], per_example_reference(model, x, [0, 0])[1])
+
+
+def test_every_lora_layer_kind_computes_a_branch():
+    """Each keras_lora layer class defines `branch` (the path every call,
+    mixed batches included, goes through); the base class raises for a
+    kind that does not, so no layer can silently use one adapter for a
+    whole mixed batch."""
+    from keras_lora.convert import LORA_CLASSES
+    from keras_lora.layers.base import LoRALayer
+
+    for cls in LORA_CLASSES:
+        assert cls.branch is not LoRALayer.branch, cls.__name__
+
+    class NoBranch(keras_lora.LoRADense):
+        branch = LoRALayer.branch
+
+    layer = NoBranch(2, rank=1)
+    with pytest.raises(NotImplementedError, match="NoBranch"):
+        layer(np.ones((1, 3), "float32"))

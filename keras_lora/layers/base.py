@@ -351,6 +351,43 @@ class LoRALayer:
             return None
         return self.adapter_bank.mixed_delta(self, inputs, training, reverse)
 
+    def branch(self, inputs, a, b, training=None, adapter_ids=None):
+        """The LoRA branch `(dropout(x) @ A) @ sB` from given factors.
+
+        The one place a layer computes its adapter update: the active
+        adapter (`adapter_delta`), mixed-adapter batches and merging checks
+        all call it.
+
+        Args:
+            inputs: the layer's input.
+            a: A in the compute dtype, shaped as `lora_shapes()` says; with
+                `adapter_ids`, a stack `(n, ...)` of n adapters' A.
+            b: `s * B` likewise (the scaling already applied).
+            training: bool or `None`, for dropout.
+            adapter_ids: `None`, or an int tensor `(batch,)` choosing, per
+                example, which of the stacked adapters applies.
+
+        Returns:
+            The update, shaped as the layer's output before bias.
+
+        Raises:
+            NotImplementedError: for a layer kind without a branch.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} computes no LoRA branch; a keras_lora "
+            "layer class must define `branch`."
+        )
+
+    def adapter_delta(self, inputs, training=None):
+        """What `call` adds to the base output: the per-example update in a
+        mixed batch, else the active adapter's, else (merged) `None`."""
+        mixed = self.mixed_adapter_delta(inputs, training)
+        if mixed is not None:
+            return mixed
+        if self.lora_active():
+            return self.branch(inputs, *self.adapter_factors(), training)
+        return None
+
     # -- Merging ------------------------------------------------------------
 
     def base_weights(self):

@@ -126,8 +126,9 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
 
     def call(self, inputs, training=None):
         outputs = self.convolution_op(inputs, self.kernel)
-        if self.lora_active():
-            outputs = ops.add(outputs, self._lora_branch(inputs, training))
+        delta = self.adapter_delta(inputs, training)
+        if delta is not None:
+            outputs = ops.add(outputs, delta)
         if self.use_bias:
             if self.data_format == "channels_last":
                 bias_shape = (1, 1, 1, self.filters)
@@ -138,19 +139,46 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
             return self.activation(outputs)
         return outputs
 
-    def _lora_branch(self, inputs, training):
-        a, b = self.adapter_factors()
-        if self.groups > 1:
-            # One copy of A per group: a grouped conv into groups * rank.
-            a = ops.tile(a, (1, 1, 1, self.groups))
-        h = self.convolution_op(self.lora_dropout(inputs, training), a)
-        if self.groups == 1 and self.data_format == "channels_last":
-            return ops.matmul(h, b)
-        # B as a (grouped) 1x1 convolution.
-        b = ops.reshape(b, (1, 1, self.adapter_rank, self.filters))
-        return ops.conv(
-            h, b, strides=1, padding="valid", data_format=self.data_format
-        )
+    def branch(self, inputs, a, b, training=None, adapter_ids=None):
+        """`conv(dropout(x), A)` then `sB` as a (grouped) 1x1 convolution.
+
+        With `adapter_ids`, the n stacked A kernels run as one convolution
+        with n * rank filters per group, each example keeps its own
+        adapter's rank channels, and its own B maps them to the filters.
+        """
+        x = self.lora_dropout(inputs, training)
+        g, r = self.groups, self.adapter_rank
+        if adapter_ids is None:
+            if g > 1:
+                # One copy of A per group: a grouped conv into groups * rank.
+                a = ops.tile(a, (1, 1, 1, g))
+            h = self.convolution_op(x, a)
+            if g == 1 and self.data_format == "channels_last":
+                return ops.matmul(h, b)
+            # B as a (grouped) 1x1 convolution.
+            b = ops.reshape(b, (1, 1, r, self.filters))
+            return ops.conv(
+                h, b, strides=1, padding="valid", data_format=self.data_format
+            )
+        n = a.shape[0]
+        kh, kw, cin = a.shape[1:4]
+        # (n, kh, kw, cin/g, r) -> (kh, kw, cin/g, g * n * r), per group.
+        a = ops.reshape(ops.transpose(a, (1, 2, 3, 0, 4)), (kh, kw, cin, n * r))
+        a = ops.tile(a, (1, 1, 1, g))
+        h = self.convolution_op(x, a)
+        if self.data_format == "channels_first":
+            h = ops.moveaxis(h, 1, -1)
+        lead = tuple(ops.shape(h)[:-1])
+        h = ops.reshape(h, lead + (g, n, r))
+        pick = ops.one_hot(ops.cast(adapter_ids, "int32"), n, dtype=h.dtype)
+        h = ops.einsum("b...gnr,bn->b...gr", h, pick)
+        b = ops.take(b, adapter_ids, axis=0)
+        b = ops.reshape(b, (-1, r, g, self.filters // g))
+        out = ops.einsum("b...gr,brgf->b...gf", h, b)
+        out = ops.reshape(out, lead + (self.filters,))
+        if self.data_format == "channels_first":
+            out = ops.moveaxis(out, -1, 1)
+        return out
 
     def weight_deltas(self):
         delta = ops.tensordot(self.lora_a, self.lora_b, axes=1)

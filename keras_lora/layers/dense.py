@@ -137,19 +137,25 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     def call(self, inputs, training=None):
         x = ops.matmul(inputs, self.kernel)
-        mixed = self.mixed_adapter_delta(inputs, training)
-        if mixed is not None:
-            x = ops.add(x, mixed)
-        elif self.lora_active():
-            a, b = self.adapter_factors()
-            x = ops.add(
-                x, low_rank_matmul(self.lora_dropout(inputs, training), a, b)
-            )
+        delta = self.adapter_delta(inputs, training)
+        if delta is not None:
+            x = ops.add(x, delta)
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+    def branch(self, inputs, a, b, training=None, adapter_ids=None):
+        x = self.lora_dropout(inputs, training)
+        if adapter_ids is None:
+            return low_rank_matmul(x, a, b)
+        a, b = (
+            ops.take(a, adapter_ids, axis=0),
+            ops.take(b, adapter_ids, axis=0),
+        )
+        h = ops.einsum("b...i,bir->b...r", ops.cast(x, a.dtype), a)
+        return ops.einsum("b...r,bro->b...o", h, b)
 
     def weight_deltas(self):
         delta = ops.matmul(self.lora_a, self.lora_b)

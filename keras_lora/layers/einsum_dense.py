@@ -227,33 +227,60 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
 
     def call(self, inputs, training=None):
         x = ops.einsum(self.equation, inputs, self.kernel)
-        mixed = self.mixed_adapter_delta(inputs, training)
-        if mixed is not None:
-            x = ops.add(x, mixed)
-        elif self.lora_active():
-            x = ops.add(x, self.lora_delta(inputs, training))
+        delta = self.adapter_delta(inputs, training)
+        if delta is not None:
+            x = ops.add(x, delta)
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:
             x = self.activation(x)
         return x
 
-    def lora_delta(self, inputs, training=None):
-        """`s * (dropout(x) @ A) @ B`, shaped as the layer's output.
+    def branch(self, inputs, a, b, training=None, adapter_ids=None):
+        """`(dropout(x) @ A) @ sB`, shaped as the layer's output.
 
         When the contracted axes are the input's trailing axes and the
         output is the remaining input axes followed by the kernel's output
         axes (every keras-hub attention and MLP projection), the branch is
         two plain matmuls on the input viewed as `(..., d_in)`; otherwise
-        two einsums. Either way `A @ B` is never formed.
+        two einsums. Either way `A @ B` is never formed. Mixed-adapter
+        batches (`adapter_ids`) need a named batch axis first in the
+        inputs and kept in the output.
         """
-        a, b = self.adapter_factors()
         x = self.lora_dropout(inputs, training)
-        if self.lora_as_matmul:
-            return low_rank_matmul(x, a, b, self.out_dims, len(self.in_dims))
-        a = ops.reshape(a, self.in_dims + (self.adapter_rank,))
-        b = ops.reshape(b, (self.adapter_rank,) + self.out_dims)
-        return ops.einsum(self.equation_b, ops.einsum(self.equation_a, x, a), b)
+        r = self.adapter_rank
+        if adapter_ids is None:
+            if self.lora_as_matmul:
+                return low_rank_matmul(
+                    x, a, b, self.out_dims, len(self.in_dims)
+                )
+            a = ops.reshape(a, self.in_dims + (r,))
+            b = ops.reshape(b, (r,) + self.out_dims)
+            h = ops.einsum(self.equation_a, x, a)
+            return ops.einsum(self.equation_b, h, b)
+        f = self.factored
+        batch = f.inputs[0]
+        if (
+            f.inputs.startswith(".")
+            or batch not in f.outputs
+            or (batch in f.kernel)
+        ):
+            raise NotImplementedError(
+                "Mixed-adapter batches need an EinsumDense equation whose "
+                "first input axis is a named batch axis kept in the output. "
+                f"Received: equation={self.equation!r} in layer "
+                f"'{self.name}'."
+            )
+        a = ops.take(a, adapter_ids, axis=0)
+        b = ops.take(b, adapter_ids, axis=0)
+        a = ops.reshape(a, (-1,) + self.in_dims + (r,))
+        b = ops.reshape(b, (-1, r) + self.out_dims)
+        in_axes, out_axes = "".join(f.in_axes), "".join(f.out_axes)
+        x = ops.cast(x, a.dtype)
+        h = ops.einsum(f"{f.inputs},{batch}{in_axes}{f.free}->{f.hidden}", x, a)
+        return ops.einsum(
+            f"{f.hidden},{batch}{f.free}{out_axes}->{f.outputs}", h, b
+        )
 
     def weight_deltas(self):
         delta = ops.matmul(self.lora_a, self.lora_b)

@@ -9,19 +9,6 @@ from keras_lora.layers.base import low_rank_matmul
 from keras_lora.layers.base import validate_lora_args
 
 
-def _lookup_delta(layer, ids, training):
-    """`s * A[ids] @ B`: the adapter's rows for the looked-up tokens.
-
-    Dropout on the branch input (a one-hot token) drops whole tokens, so the
-    mask has one value per token (noise shape `(..., 1)`).
-    """
-    a, b = layer.adapter_factors()
-    h = ops.take(a, ids, axis=0)
-    noise_shape = tuple(ops.shape(h)[:-1]) + (1,)
-    h = layer.lora_dropout(h, training, noise_shape=noise_shape)
-    return ops.matmul(h, b)
-
-
 class _EmbeddingLoRA(LoRALayer):
     """Constructor and lookup shared by the two embedding layers."""
 
@@ -68,12 +55,39 @@ class _EmbeddingLoRA(LoRALayer):
             inputs = ops.cast(inputs, "int32")
         outputs = ops.take(self.embeddings, inputs, axis=0)
         outputs = ops.cast(outputs, self.compute_dtype)
-        mixed = self.mixed_adapter_delta(inputs, training)
-        if mixed is not None:
-            outputs = ops.add(outputs, mixed)
-        elif self.lora_active():
-            outputs = ops.add(outputs, _lookup_delta(self, inputs, training))
+        delta = self.adapter_delta(inputs, training)
+        if delta is not None:
+            outputs = ops.add(outputs, delta)
         return outputs
+
+    def branch(self, inputs, a, b, training=None, adapter_ids=None):
+        """`A[ids] @ sB`: the adapter's rows for the looked-up tokens.
+
+        Dropout on the branch input (a one-hot token) drops whole tokens,
+        so the mask has one value per token (noise shape `(..., 1)`). With
+        `adapter_ids`, each example's rows come from its own adapter's A
+        (one lookup in the stacked tables, never a per-example copy).
+        """
+        tokens = ops.cast(inputs, "int32")
+        if adapter_ids is None:
+            rows = ops.take(a, tokens, axis=0)
+        else:
+            n, vocab, r = a.shape
+            offsets = ops.reshape(
+                ops.multiply(ops.cast(adapter_ids, "int32"), vocab),
+                (-1,) + (1,) * (len(tokens.shape) - 1),
+            )
+            rows = ops.take(
+                ops.reshape(a, (n * vocab, r)),
+                ops.add(tokens, offsets),
+                axis=0,
+            )
+        noise_shape = tuple(ops.shape(rows)[:-1]) + (1,)
+        rows = self.lora_dropout(rows, training, noise_shape=noise_shape)
+        if adapter_ids is None:
+            return ops.matmul(rows, b)
+        b = ops.take(b, adapter_ids, axis=0)
+        return ops.einsum("b...r,bro->b...o", rows, b)
 
     def weight_deltas(self):
         delta = ops.matmul(self.lora_a, self.lora_b)
@@ -192,25 +206,43 @@ class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
             x = ops.cast(x, self.reverse_dtype)
             kernel = ops.cast(kernel, self.reverse_dtype)
         logits = ops.matmul(x, kernel)
-        mixed = self.mixed_adapter_delta(x, training, reverse=True)
-        if mixed is not None:
-            logits = ops.add(logits, mixed)
-        elif self.lora_active():
-            logits = ops.add(logits, self._reverse_delta(x, training))
+        delta = self.mixed_adapter_delta(x, training, reverse=True)
+        if delta is None and self.lora_active():
+            delta = self.reverse_branch(
+                x, *self.adapter_factors(*self.reverse_pair()), training
+            )
+        if delta is not None:
+            logits = ops.add(logits, delta)
         if self.logit_soft_cap is not None:
             cap = self.logit_soft_cap
             logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
         return logits
 
-    def _reverse_delta(self, x, training):
+    def reverse_pair(self):
+        """The adapter pair of the reverse projection: the tied table's
+        (`lora_a`, `lora_b`) or the untied one's own."""
         if self.tie_weights:
-            a, b = self.adapter_factors()
-            a, b = ops.transpose(b), ops.transpose(a)
-        else:
-            a, b = self.adapter_factors("reverse_lora_a", "reverse_lora_b")
-        a = ops.cast(a, x.dtype)
-        b = ops.cast(b, x.dtype)
-        return low_rank_matmul(self.lora_dropout(x, training), a, b)
+            return "lora_a", "lora_b"
+        return "reverse_lora_a", "reverse_lora_b"
+
+    def reverse_branch(self, x, a, b, training=None, adapter_ids=None):
+        """The reverse projection's update from given factors (`branch`'s
+        arguments, for `reverse_pair()`): `(x @ sB.T) @ A.T` with tied
+        weights, else `(x @ A_r) @ sB_r`."""
+        x = self.lora_dropout(x, training)
+        if adapter_ids is not None:
+            a = ops.take(a, adapter_ids, axis=0)
+            b = ops.take(b, adapter_ids, axis=0)
+        a, b = ops.cast(a, x.dtype), ops.cast(b, x.dtype)
+        if adapter_ids is None:
+            if self.tie_weights:
+                a, b = ops.transpose(b), ops.transpose(a)
+            return low_rank_matmul(x, a, b)
+        if self.tie_weights:
+            h = ops.einsum("b...d,brd->b...r", x, b)
+            return ops.einsum("b...r,bvr->b...v", h, a)
+        h = ops.einsum("b...d,bdr->b...r", x, a)
+        return ops.einsum("b...r,brv->b...v", h, b)
 
     def weight_deltas(self):
         deltas = super().weight_deltas()
