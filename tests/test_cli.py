@@ -13,9 +13,9 @@ import pytest
 from numerics import assert_close
 from numerics import assert_diff_within
 
-from keras_lora import cli
-from keras_lora import data as kl_data
-from keras_lora.data import DataError
+from keras_lora.finetune import cli
+from keras_lora.finetune import data as kl_data
+from keras_lora.finetune.data import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -271,7 +271,7 @@ def test_quick_run_end_to_end_in_a_subprocess(tmp_path):
         [
             sys.executable,
             "-m",
-            "keras_lora.cli",
+            "keras_lora.finetune.cli",
             "--quick",
             "--backend",
             "tensorflow",

@@ -289,7 +289,7 @@ def _reexec_with_backend(backend, argv, replace_process):
     backend when first imported): in place of this process (`os.execve`,
     from the command line) or as a child whose exit code is returned."""
     env = dict(os.environ, KERAS_BACKEND=backend, KERAS_LORA_CLI_CHILD="1")
-    command = [sys.executable, "-m", "keras_lora.cli", *argv]
+    command = [sys.executable, "-m", "keras_lora.finetune.cli", *argv]
     if replace_process:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -340,7 +340,7 @@ def _folder_bytes(path):
 
 def load_data(args):
     """The train / held-out split of `--data` or of the VADER lexicon."""
-    from keras_lora import data as kl_data
+    from keras_lora.finetune import data as kl_data
 
     dataset = (
         kl_data.load_text_label_file(args.data)
@@ -545,7 +545,7 @@ def run(args):
     steps = Steps(total=12)
 
     with steps("load data"):
-        from keras_lora.data import DataError
+        from keras_lora.finetune.data import DataError
 
         try:
             dataset, train, test = load_data(args)
