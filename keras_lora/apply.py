@@ -21,7 +21,7 @@ from keras_lora.layers import LoRAConv2D
 from keras_lora.layers import LoRADense
 from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRALayer
-from keras_lora.layers.base import validate_lora_args
+from keras_lora.layers.config import LoRAConfig
 from keras_lora.layers.einsum_dense import factor_equation
 from keras_lora.saving import attach_plan
 from keras_lora.walk import iter_layers
@@ -322,7 +322,13 @@ def apply_lora(
     >>> [w.name for w in lora_model.trainable_weights]
     ['lora_a', 'lora_b']
     """
-    validate_lora_args(rank, alpha, dropout, use_rslora, train_bias)
+    config = LoRAConfig(
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        use_rslora=use_rslora,
+        train_bias=train_bias,
+    )
     if not isinstance(inplace, bool):
         raise TypeError(
             f"`inplace` must be a bool. Received: inplace={inplace!r}"
@@ -342,15 +348,10 @@ def apply_lora(
     for path, layer in selected.items():
         layer_rank = _per_layer(rank_pattern, path, layer, rank)
         layer_alpha = _per_layer(alpha_pattern, path, layer, alpha)
-        validate_lora_args(layer_rank, layer_alpha, dropout, use_rslora)
-        plan[path] = dict(
-            lora_class=lora_class_for(layer),
-            rank=layer_rank,
-            alpha=layer_alpha,
-            dropout=dropout,
-            use_rslora=use_rslora,
-            train_bias=train_bias,
-        )
+        layer_config = config
+        if (layer_rank, layer_alpha) != (rank, alpha):
+            layer_config = config.replace(rank=layer_rank, alpha=layer_alpha)
+        plan[path] = (lora_class_for(layer), layer_config)
     if keep is not None:
         layers = list(iter_layers(model))
         unmatched = [
@@ -381,9 +382,8 @@ def apply_lora(
         plan = {stable[id(selected[p])]: args for p, args in plan.items()}
         target = clone_model_sharing_variables(model)
         layers = stable_layer_paths(target)
-    for path, args in plan.items():
-        args = dict(args)
-        convert_layer(layers[path], args.pop("lora_class"), **args)
+    for path, (lora_class, layer_config) in plan.items():
+        convert_layer(layers[path], lora_class, layer_config)
 
     kept_layers = set()
     if keep is not None:

@@ -11,7 +11,6 @@ from keras_lora.layers import LoRAEmbedding
 from keras_lora.layers import LoRALayer
 from keras_lora.layers import LoRAReversibleEmbedding
 from keras_lora.layers.base import is_plain_subclass
-from keras_lora.layers.base import validate_lora_args
 from keras_lora.walk import is_weighted_leaf
 from keras_lora.walk import iter_layers
 from keras_lora.walk import lora_layers
@@ -36,7 +35,7 @@ def lora_class_for(layer):
     return None
 
 
-def convert_layer(layer, lora_class, **lora_args):
+def convert_layer(layer, lora_class, config):
     """Turns a built Keras layer into a keras_lora layer in place.
 
     The object stays the same (so every reference to it, functional graph
@@ -44,25 +43,18 @@ def convert_layer(layer, lora_class, **lora_args):
     layer shared by several call sites gets one adapter); its variables are
     kept, frozen, and the adapter variables are created under the layer's
     own name-scope path.
+
+    Args:
+        layer: a built Keras layer that `lora_class` adapts.
+        lora_class: the keras_lora class (`lora_class_for(layer)`).
+        config: the adapter's validated `LoRAConfig`.
     """
-    rank, alpha, dropout, use_rslora, train_bias = validate_lora_args(
-        lora_args["rank"],
-        lora_args["alpha"],
-        lora_args["dropout"],
-        lora_args["use_rslora"],
-        lora_args.get("train_bias", False),
-    )
     original_class = type(layer)
     parent = layer.path.rpartition("/")[0] or None
     layer.__class__ = lora_class
     try:
-        defaults = lora_class.default_initializers()
-        a_init = lora_args.get("lora_a_initializer") or defaults[0]
-        b_init = lora_args.get("lora_b_initializer") or defaults[1]
         with _keras_private.unlocked(layer):
-            layer._init_lora(
-                rank, alpha, dropout, use_rslora, a_init, b_init, train_bias
-            )
+            layer._init_lora(config)
             layer.merge_class = original_class
             _keras_private.refresh_call_signature(layer)
             with keras.name_scope(

@@ -41,7 +41,7 @@ from keras_lora.adapters import adapter_state
 from keras_lora.adapters import check_adapter_state
 from keras_lora.adapters import lora_layers
 from keras_lora.adapters import read_adapters
-from keras_lora.layers.base import lora_scaling
+from keras_lora.layers.config import lora_scaling
 from keras_lora.walk import require_lora_layers
 from keras_lora.walk import reset_compiled_functions
 from keras_lora.walk import to_numpy

@@ -20,6 +20,7 @@ from keras_lora.convert import convert_layer
 from keras_lora.convert import freeze_base
 from keras_lora.layers.base import LORA_CONFIG_KEYS
 from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.config import LoRAConfig
 from keras_lora.walk import is_weighted_leaf
 from keras_lora.walk import lora_layers
 from keras_lora.walk import stable_layer_paths
@@ -151,7 +152,7 @@ def restore_plan(model, plan):
         lora_class = keras.saving.get_registered_object(args.pop("class"))
         for key in ("lora_a_initializer", "lora_b_initializer"):
             args[key] = keras.initializers.get(args[key])
-        convert_layer(layer, lora_class, **args)
+        convert_layer(layer, lora_class, LoRAConfig(**args))
     kept = {id(layers[p]) for p in plan["trainable_layers"] if p in layers}
     freeze_base(model, kept_layers=kept)
 

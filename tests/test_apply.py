@@ -1,5 +1,6 @@
 """apply_lora: target selection, cloning without copies, training, errors."""
 
+import dataclasses
 import re
 
 import keras
@@ -18,6 +19,7 @@ from numerics import assert_exact
 from numerics import close
 
 import keras_lora as kl
+from keras_lora.layers.config import LoRAConfig
 
 
 def mlp(name="mlp"):
@@ -437,7 +439,8 @@ def test_converted_layers_use_their_constructors_default_initializers():
         tiny_gemma_causal_lm(), rank=2, targets=["token_embedding", "query"]
     )
     for layer in kl.lora_layers(lora).values():
-        a_default, b_default = type(layer).default_initializers()
+        a_default = type(layer).default_lora_a_initializer
+        b_default = LoRAConfig().lora_b_initializer
         config = layer.get_config()
         assert config["lora_a_initializer"] == keras.initializers.serialize(
             keras.initializers.get(a_default)
@@ -447,3 +450,40 @@ def test_converted_layers_use_their_constructors_default_initializers():
         )
     kinds = {type(layer) for layer in kl.lora_layers(lora).values()}
     assert kinds == {kl.LoRAReversibleEmbedding, kl.LoRAEinsumDense}
+
+
+def test_lora_config_validates_once_and_layers_take_it_keyword_only():
+    """One validated config: the same messages from the object, the layer
+    constructors and apply_lora; LoRA arguments are keyword-only."""
+    assert LoRAConfig(rank=4).alpha == 4 and LoRAConfig(rank=4).scaling == 1
+    assert LoRAConfig(rank=4, alpha=2, use_rslora=True).scaling == 1.0
+    with pytest.raises(ValueError, match=r"`rank`.*Received: rank=0"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match=r"`alpha`.*Received: alpha=-1"):
+        kl.LoRADense(2, rank=2, alpha=-1)
+    with pytest.raises(ValueError, match=r"`dropout`.*Received: dropout=1"):
+        kl.apply_lora(
+            keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]),
+            dropout=1,
+        )
+    with pytest.raises(TypeError, match=r"`train_bias`"):
+        LoRAConfig(train_bias="yes")
+    with pytest.raises(TypeError):
+        # units, activation, use_bias, ... then keyword-only LoRA arguments
+        kl.LoRADense(
+            2,
+            None,
+            True,
+            "glorot_uniform",
+            "zeros",
+            None,
+            None,
+            None,
+            None,
+            None,
+            4,
+        )
+    config = LoRAConfig(rank=2).replace(alpha=8)
+    assert (config.rank, config.alpha, config.scaling) == (2, 8, 4.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.rank = 3

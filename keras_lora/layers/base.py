@@ -8,15 +8,15 @@ orientation). The scaling `s` is `alpha / rank`, or `alpha / sqrt(rank)`
 with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732).
 """
 
-import inspect
 import math
-import numbers
 import warnings
 
 import keras
 from keras import ops
 
 from keras_lora import _keras_private
+from keras_lora.layers.config import LoRAConfig
+from keras_lora.layers.config import lora_scaling
 from keras_lora.layers.layout import adapter_layout_scope
 
 # Names of the frozen weights of the Keras layers we adapt, in Keras's order.
@@ -32,69 +32,6 @@ LORA_CONFIG_KEYS = (
     "lora_b_initializer",
     "train_bias",
 )
-
-
-def _is_real_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def validate_rank(rank):
-    """Returns `rank` as an int, or raises a `ValueError` naming it."""
-    if (
-        not isinstance(rank, numbers.Integral)
-        or isinstance(rank, bool)
-        or rank <= 0
-    ):
-        raise ValueError(
-            f"`rank` must be a positive integer. Received: rank={rank!r}"
-        )
-    return int(rank)
-
-
-def validate_lora_args(
-    rank, alpha, dropout, use_rslora, train_bias=False, **unexpected
-):
-    """Checks the LoRA constructor arguments; returns them normalised.
-
-    Raises:
-        ValueError: if `rank` is not a positive integer (bools are refused),
-            `alpha` is not a positive finite number, `dropout` is not in
-            [0, 1), or Keras's own `lora_rank` / `lora_alpha` are passed.
-        TypeError: if `use_rslora` or `train_bias` is not a bool.
-    """
-    for key in ("lora_rank", "lora_alpha"):
-        if unexpected.get(key) is not None:
-            raise ValueError(
-                f"`{key}` is Keras's built-in LoRA; keras_lora layers take "
-                f"`rank` and `alpha`. Received: {key}={unexpected[key]!r}"
-            )
-    rank = validate_rank(rank)
-    if alpha is None:
-        alpha = rank
-    if not _is_real_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(
-            "`alpha` must be a positive finite number or None. "
-            f"Received: alpha={alpha!r}"
-        )
-    if not _is_real_number(dropout) or not 0.0 <= dropout < 1.0:
-        raise ValueError(
-            "`dropout` must be a float in [0, 1). "
-            f"Received: dropout={dropout!r}"
-        )
-    if not isinstance(use_rslora, bool):
-        raise TypeError(
-            f"`use_rslora` must be a bool. Received: use_rslora={use_rslora!r}"
-        )
-    if not isinstance(train_bias, bool):
-        raise TypeError(
-            f"`train_bias` must be a bool. Received: train_bias={train_bias!r}"
-        )
-    return rank, alpha, float(dropout), use_rslora, train_bias
-
-
-def lora_scaling(rank, alpha, use_rslora):
-    """`alpha / rank` (LoRA, eq. 4) or `alpha / sqrt(rank)` (rsLoRA)."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def low_rank_matmul(x, a, b, out_dims=None, in_ndim=1):
@@ -167,28 +104,41 @@ class LoRALayer:
     #: The Keras layer class this LoRA layer adapts.
     base_class = None
 
-    def _init_lora(
-        self,
-        rank,
-        alpha,
-        dropout,
-        use_rslora,
-        lora_a_initializer,
-        lora_b_initializer,
-        train_bias,
-    ):
-        self.adapter_rank = rank
-        self.adapter_alpha = alpha
-        self.adapter_dropout = dropout
-        self.use_rslora = use_rslora
-        self.train_bias = train_bias
-        self.lora_a_initializer = keras.initializers.get(lora_a_initializer)
-        self.lora_b_initializer = keras.initializers.get(lora_b_initializer)
+    #: The initializer of A when the config names none (PEFT's defaults).
+    default_lora_a_initializer = "he_uniform"
+
+    def _init_lora(self, config):
+        """Sets the adapter's arguments from a validated `LoRAConfig`."""
+        self.adapter_rank = config.rank
+        self.adapter_alpha = config.alpha
+        self.adapter_dropout = config.dropout
+        self.use_rslora = config.use_rslora
+        self.train_bias = config.train_bias
+        a_init = config.lora_a_initializer
+        if a_init is None:
+            a_init = self.default_lora_a_initializer
+        self.lora_a_initializer = keras.initializers.get(a_init)
+        self.lora_b_initializer = keras.initializers.get(
+            config.lora_b_initializer
+        )
         self.merge_class = self.base_class
         self.merged = False
         self._unmerged_values = None
         self.dropout_seed = (
-            keras.random.SeedGenerator() if dropout > 0 else None
+            keras.random.SeedGenerator() if config.dropout > 0 else None
+        )
+
+    @property
+    def lora_config(self):
+        """The layer's adapter arguments now, as a `LoRAConfig`."""
+        return LoRAConfig(
+            rank=self.adapter_rank,
+            alpha=self.adapter_alpha,
+            dropout=self.adapter_dropout,
+            use_rslora=self.use_rslora,
+            lora_a_initializer=self.lora_a_initializer,
+            lora_b_initializer=self.lora_b_initializer,
+            train_bias=self.train_bias,
         )
 
     @property
@@ -209,16 +159,6 @@ class LoRALayer:
             variable.trainable = (
                 name == "bias" and self.train_bias and self.trainable
             )
-
-    @classmethod
-    def default_initializers(cls):
-        """`(lora_a_initializer, lora_b_initializer)` defaults of `cls`'s
-        constructor, for code that builds the adapter without calling it."""
-        parameters = inspect.signature(cls.__init__).parameters
-        return tuple(
-            parameters[name].default
-            for name in ("lora_a_initializer", "lora_b_initializer")
-        )
 
     @property
     def scaling(self):

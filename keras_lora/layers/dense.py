@@ -5,7 +5,8 @@ from keras import ops
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.base import low_rank_matmul
-from keras_lora.layers.base import validate_lora_args
+from keras_lora.layers.config import LoRAConfig
+from keras_lora.layers.config import refuse_keras_lora_arguments
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -26,6 +27,9 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         activation, use_bias, kernel_initializer, bias_initializer,
             kernel_regularizer, bias_regularizer, activity_regularizer,
             kernel_constraint, bias_constraint: as in `keras.layers.Dense`.
+        rank, alpha, dropout, use_rslora, lora_a_initializer,
+            lora_b_initializer, train_bias: keyword-only, validated
+            together as a `keras_lora.layers.config.LoRAConfig`.
         rank: Positive int, the rank r of the update. Defaults to `8`.
         alpha: Positive float or `None`, the LoRA alpha. `None` (default)
             means `alpha = rank` (scaling 1.0).
@@ -33,7 +37,8 @@ class LoRADense(LoRALayer, keras.layers.Dense):
             training only. Defaults to `0.0` (skipped).
         use_rslora: Bool, scale by `alpha / sqrt(rank)` (rsLoRA,
             arXiv:2312.03732). Defaults to `False`.
-        lora_a_initializer: Initializer for A. Defaults to `"he_uniform"`.
+        lora_a_initializer: Initializer for A, or `None` (default) for the
+            class's `default_lora_a_initializer`, `"he_uniform"`.
         lora_b_initializer: Initializer for B. Defaults to `"zeros"`.
         train_bias: Bool, keep the bias trainable (PEFT's `bias="all"`).
             Defaults to `False`: only A and B train.
@@ -78,23 +83,25 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         activity_regularizer=None,
         kernel_constraint=None,
         bias_constraint=None,
+        *,
         rank=8,
         alpha=None,
         dropout=0.0,
         use_rslora=False,
-        lora_a_initializer="he_uniform",
+        lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
         **kwargs,
     ):
-        lora = validate_lora_args(
-            rank,
-            alpha,
-            dropout,
-            use_rslora,
-            train_bias,
-            lora_rank=kwargs.pop("lora_rank", None),
-            lora_alpha=kwargs.pop("lora_alpha", None),
+        refuse_keras_lora_arguments(kwargs)
+        lora = LoRAConfig(
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            lora_a_initializer=lora_a_initializer,
+            lora_b_initializer=lora_b_initializer,
+            train_bias=train_bias,
         )
         super().__init__(
             units,
@@ -109,16 +116,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
             bias_constraint=bias_constraint,
             **kwargs,
         )
-        rank, alpha, dropout, use_rslora, train_bias = lora
-        self._init_lora(
-            rank,
-            alpha,
-            dropout,
-            use_rslora,
-            lora_a_initializer,
-            lora_b_initializer,
-            train_bias,
-        )
+        self._init_lora(lora)
 
     def build(self, input_shape):
         super().build(input_shape)

@@ -9,7 +9,8 @@ from keras import ops
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.base import low_rank_matmul
-from keras_lora.layers.base import validate_lora_args
+from keras_lora.layers.config import LoRAConfig
+from keras_lora.layers.config import refuse_keras_lora_arguments
 
 
 class FactoredEquation(typing.NamedTuple):
@@ -148,23 +149,25 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         activity_regularizer=None,
         kernel_constraint=None,
         bias_constraint=None,
+        *,
         rank=8,
         alpha=None,
         dropout=0.0,
         use_rslora=False,
-        lora_a_initializer="he_uniform",
+        lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
         **kwargs,
     ):
-        lora = validate_lora_args(
-            rank,
-            alpha,
-            dropout,
-            use_rslora,
-            train_bias,
-            lora_rank=kwargs.pop("lora_rank", None),
-            lora_alpha=kwargs.pop("lora_alpha", None),
+        refuse_keras_lora_arguments(kwargs)
+        lora = LoRAConfig(
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            lora_a_initializer=lora_a_initializer,
+            lora_b_initializer=lora_b_initializer,
+            train_bias=train_bias,
         )
         factor_equation(equation)  # refuse bad equations before anything
         super().__init__(
@@ -181,9 +184,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             bias_constraint=bias_constraint,
             **kwargs,
         )
-        self._init_lora(
-            *lora[:4], lora_a_initializer, lora_b_initializer, lora[4]
-        )
+        self._init_lora(lora)
 
     def build(self, input_shape):
         super().build(input_shape)

@@ -6,11 +6,15 @@ from keras import ops
 from keras_lora._keras_private import set_keras_mask
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.base import low_rank_matmul
-from keras_lora.layers.base import validate_lora_args
+from keras_lora.layers.config import LoRAConfig
+from keras_lora.layers.config import refuse_keras_lora_arguments
 
 
 class _EmbeddingLoRA(LoRALayer):
     """Constructor and lookup shared by the two embedding layers."""
+
+    # He init over a large vocabulary gives B almost no gradient.
+    default_lora_a_initializer = "normal"
 
     def __init__(
         self,
@@ -21,24 +25,23 @@ class _EmbeddingLoRA(LoRALayer):
         alpha=None,
         dropout=0.0,
         use_rslora=False,
-        lora_a_initializer="normal",
+        lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
         **kwargs,
     ):
-        lora = validate_lora_args(
-            rank,
-            alpha,
-            dropout,
-            use_rslora,
-            train_bias,
-            lora_rank=kwargs.pop("lora_rank", None),
-            lora_alpha=kwargs.pop("lora_alpha", None),
+        refuse_keras_lora_arguments(kwargs)
+        lora = LoRAConfig(
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            lora_a_initializer=lora_a_initializer,
+            lora_b_initializer=lora_b_initializer,
+            train_bias=train_bias,
         )
         super().__init__(input_dim, output_dim, *args, **kwargs)
-        self._init_lora(
-            *lora[:4], lora_a_initializer, lora_b_initializer, lora[4]
-        )
+        self._init_lora(lora)
 
     def build(self, input_shape=None):
         if self.built:
@@ -111,7 +114,8 @@ _EMBEDDING_DOC = """
             embeddings_constraint, mask_zero: as in the Keras base layer.
         rank, alpha, dropout, use_rslora, train_bias: as in
             `keras_lora.LoRADense`.
-        lora_a_initializer: Initializer for A. Defaults to `"normal"`.
+        lora_a_initializer: Initializer for A, or `None` (default) for the
+            class's `default_lora_a_initializer`, `"normal"`.
         lora_b_initializer: Initializer for B. Defaults to `"zeros"`.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
