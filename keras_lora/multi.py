@@ -455,10 +455,32 @@ def mixed_batch(model, adapter_ids):
 def mixed_batch_call(model, inputs, adapter_ids, **kwargs):
     """`model(inputs, **kwargs)` with adapter `adapter_ids[i]` for example i.
 
-    Example (JAX), one compiled function for every mix of adapters:
+    Args:
+        model: a model with named adapters (`add_adapter`).
+        inputs: the model's inputs, batch first.
+        adapter_ids: int tensor `(batch,)`, indices into
+            `list_adapters(model)`.
+        **kwargs: passed to the model's call.
 
-    >>> call = kl.multi.mixed_batch_call
-    >>> fn = jax.jit(lambda x, k: call(model, x, k))  # doctest: +SKIP
+    Returns:
+        The model's outputs, example i computed with adapter
+        `adapter_ids[i]`. Under `jax.jit` (or `tf.function`) one compiled
+        function serves every mix of adapters.
+
+    Example:
+
+    >>> import keras, numpy as np, keras_lora
+    >>> inputs = keras.Input((3,))
+    >>> model = keras.Model(inputs, keras_lora.LoRADense(2, rank=1)(inputs))
+    >>> a, b = (np.ones(v.shape, "float32") for v in model.trainable_weights)
+    >>> path = keras_lora.lora_layers(model).popitem()[0]
+    >>> keras_lora.multi.add_adapter(
+    ...     model, "ones", {f"{path}.lora_a": a, f"{path}.lora_b": b})
+    >>> x = np.ones((2, 3), "float32")
+    >>> out = keras_lora.multi.mixed_batch_call(model, x, np.array([0, 1]))
+    >>> out = keras.ops.convert_to_numpy(out)
+    >>> (out[1] - out[0]).round(4).tolist()  # s * (x @ A) @ B = 3
+    [3.0, 3.0]
     """
     with mixed_batch(model, adapter_ids):
         return model(inputs, **kwargs)

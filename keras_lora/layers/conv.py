@@ -49,7 +49,7 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
     >>> import numpy as np
     >>> import keras_lora
     >>> layer = keras_lora.LoRAConv2D(5, 3, rank=2)
-    >>> layer(np.ones((1, 7, 7, 4), "float32")).shape
+    >>> tuple(layer(np.ones((1, 7, 7, 4), "float32")).shape)
     (1, 5, 5, 5)
     """
 

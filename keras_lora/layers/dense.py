@@ -63,7 +63,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
     >>> import numpy as np
     >>> import keras_lora
     >>> layer = keras_lora.LoRADense(4, rank=2, alpha=4)
-    >>> layer(np.ones((2, 3), "float32")).shape
+    >>> tuple(layer(np.ones((2, 3), "float32")).shape)
     (2, 4)
     >>> [w.name for w in layer.trainable_weights]
     ['lora_a', 'lora_b']

@@ -130,7 +130,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     >>> import keras_lora
     >>> layer = keras_lora.LoRAEinsumDense(
     ...     "btd,ndh->btnh", output_shape=(None, 2, 4), rank=2)
-    >>> layer(np.ones((1, 3, 8), "float32")).shape
+    >>> tuple(layer(np.ones((1, 3, 8), "float32")).shape)
     (1, 3, 2, 4)
     """
 

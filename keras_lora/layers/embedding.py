@@ -142,7 +142,7 @@ class LoRAEmbedding(_EmbeddingLoRA, keras.layers.Embedding):
     >>> import numpy as np
     >>> import keras_lora
     >>> layer = keras_lora.LoRAEmbedding(50, 8, rank=2, mask_zero=True)
-    >>> layer(np.array([[1, 2, 0]])).shape
+    >>> tuple(layer(np.array([[1, 2, 0]])).shape)
     (1, 3, 8)
     """
     )
@@ -172,7 +172,7 @@ class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
     >>> import numpy as np
     >>> import keras_lora
     >>> layer = keras_lora.LoRAReversibleEmbedding(50, 8, rank=2)
-    >>> layer(np.ones((1, 8), "float32"), reverse=True).shape
+    >>> tuple(layer(np.ones((1, 8), "float32"), reverse=True).shape)
     (1, 50)
     """
     )
