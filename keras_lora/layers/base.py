@@ -34,6 +34,21 @@ LORA_CONFIG_KEYS = (
 )
 
 
+def format_docstring(**parts):
+    """Fills the `{name}` placeholders of a docstring with shared parts
+    (as keras-rs does), so text common to several layers is written once.
+    Only the given names are replaced; other braces are left alone."""
+
+    def decorate(obj):
+        doc = obj.__doc__
+        for name, text in parts.items():
+            doc = doc.replace("{" + name + "}", text)
+        obj.__doc__ = doc
+        return obj
+
+    return decorate
+
+
 def low_rank_matmul(x, a, b, out_dims=None, in_ndim=1):
     """`(x @ a) @ b` over the trailing axes of `x`, as two 2-D matmuls.
 
@@ -199,28 +214,18 @@ class LoRALayer:
                     "compression.",
                     stacklevel=3,
                 )
-            setattr(
-                self,
-                a_name,
-                self.add_weight(
-                    name=a_name,
-                    shape=a_shape,
-                    initializer=self.lora_a_initializer,
+            for name, shape, initializer in (
+                (a_name, a_shape, self.lora_a_initializer),
+                (b_name, b_shape, self.lora_b_initializer),
+            ):
+                variable = self.add_weight(
+                    name=name,
+                    shape=shape,
+                    initializer=initializer,
                     dtype="float32",
                     trainable=True,
-                ),
-            )
-            setattr(
-                self,
-                b_name,
-                self.add_weight(
-                    name=b_name,
-                    shape=b_shape,
-                    initializer=self.lora_b_initializer,
-                    dtype="float32",
-                    trainable=True,
-                ),
-            )
+                )
+                setattr(self, name, variable)
 
     def lora_shapes(self):
         """Returns `[(a_name, b_name, a_shape, b_shape), ...]`."""

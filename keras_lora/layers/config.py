@@ -120,3 +120,17 @@ class LoRAConfig:
     def replace(self, **changes):
         """A copy with `changes` applied (and validated)."""
         return dataclasses.replace(self, **changes)
+
+
+def layer_config(arguments):
+    """A LoRA layer constructor's `LoRAConfig`.
+
+    Args:
+        arguments: the constructor's `locals()`: its seven LoRA arguments
+            (by `LoRAConfig`'s field names) and `kwargs`, from which Keras's
+            own `lora_rank` / `lora_alpha` are refused first.
+    """
+    refuse_keras_lora_arguments(arguments["kwargs"])
+    return LoRAConfig(
+        **{f.name: arguments[f.name] for f in dataclasses.fields(LoRAConfig)}
+    )

@@ -4,8 +4,7 @@ import keras
 from keras import ops
 
 from keras_lora.layers.base import LoRALayer
-from keras_lora.layers.config import LoRAConfig
-from keras_lora.layers.config import refuse_keras_lora_arguments
+from keras_lora.layers.config import layer_config
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -83,16 +82,7 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
         train_bias=False,
         **kwargs,
     ):
-        refuse_keras_lora_arguments(kwargs)
-        lora = LoRAConfig(
-            rank=rank,
-            alpha=alpha,
-            dropout=dropout,
-            use_rslora=use_rslora,
-            lora_a_initializer=lora_a_initializer,
-            lora_b_initializer=lora_b_initializer,
-            train_bias=train_bias,
-        )
+        lora = layer_config(locals())
         super().__init__(
             filters,
             kernel_size,

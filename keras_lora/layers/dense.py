@@ -5,8 +5,7 @@ from keras import ops
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.base import low_rank_matmul
-from keras_lora.layers.config import LoRAConfig
-from keras_lora.layers.config import refuse_keras_lora_arguments
+from keras_lora.layers.config import layer_config
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -93,16 +92,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         train_bias=False,
         **kwargs,
     ):
-        refuse_keras_lora_arguments(kwargs)
-        lora = LoRAConfig(
-            rank=rank,
-            alpha=alpha,
-            dropout=dropout,
-            use_rslora=use_rslora,
-            lora_a_initializer=lora_a_initializer,
-            lora_b_initializer=lora_b_initializer,
-            train_bias=train_bias,
-        )
+        lora = layer_config(locals())
         super().__init__(
             units,
             activation=activation,

@@ -9,8 +9,7 @@ from keras import ops
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.base import low_rank_matmul
-from keras_lora.layers.config import LoRAConfig
-from keras_lora.layers.config import refuse_keras_lora_arguments
+from keras_lora.layers.config import layer_config
 
 
 class FactoredEquation(typing.NamedTuple):
@@ -159,16 +158,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         train_bias=False,
         **kwargs,
     ):
-        refuse_keras_lora_arguments(kwargs)
-        lora = LoRAConfig(
-            rank=rank,
-            alpha=alpha,
-            dropout=dropout,
-            use_rslora=use_rslora,
-            lora_a_initializer=lora_a_initializer,
-            lora_b_initializer=lora_b_initializer,
-            train_bias=train_bias,
-        )
+        lora = layer_config(locals())
         factor_equation(equation)  # refuse bad equations before anything
         super().__init__(
             equation,

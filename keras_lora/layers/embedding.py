@@ -5,9 +5,9 @@ from keras import ops
 
 from keras_lora._keras_private import set_keras_mask
 from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.base import format_docstring
 from keras_lora.layers.base import low_rank_matmul
-from keras_lora.layers.config import LoRAConfig
-from keras_lora.layers.config import refuse_keras_lora_arguments
+from keras_lora.layers.config import layer_config
 
 
 class _EmbeddingLoRA(LoRALayer):
@@ -30,16 +30,7 @@ class _EmbeddingLoRA(LoRALayer):
         train_bias=False,
         **kwargs,
     ):
-        refuse_keras_lora_arguments(kwargs)
-        lora = LoRAConfig(
-            rank=rank,
-            alpha=alpha,
-            dropout=dropout,
-            use_rslora=use_rslora,
-            lora_a_initializer=lora_a_initializer,
-            lora_b_initializer=lora_b_initializer,
-            train_bias=train_bias,
-        )
+        lora = layer_config(locals())
         super().__init__(input_dim, output_dim, *args, **kwargs)
         self._init_lora(lora)
 
@@ -132,11 +123,10 @@ _EMBEDDING_DOC = """
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
+@format_docstring(embedding=_EMBEDDING_DOC)
 class LoRAEmbedding(_EmbeddingLoRA, keras.layers.Embedding):
-    __doc__ = (
-        "An `Embedding` layer whose frozen table is adapted by LoRA."
-        + _EMBEDDING_DOC
-        + """
+    """An `Embedding` layer whose frozen table is adapted by LoRA.
+    {embedding}
     Example:
 
     >>> import numpy as np
@@ -145,7 +135,6 @@ class LoRAEmbedding(_EmbeddingLoRA, keras.layers.Embedding):
     >>> tuple(layer(np.array([[1, 2, 0]])).shape)
     (1, 3, 8)
     """
-    )
 
     base_class = keras.layers.Embedding
 
@@ -154,11 +143,10 @@ class LoRAEmbedding(_EmbeddingLoRA, keras.layers.Embedding):
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
+@format_docstring(embedding=_EMBEDDING_DOC)
 class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
-    __doc__ = (
-        "A `ReversibleEmbedding` (keras-hub's token embedding) with LoRA."
-        + _EMBEDDING_DOC
-        + """
+    """A `ReversibleEmbedding` (keras-hub's token embedding) with LoRA.
+    {embedding}
     The reverse projection (`reverse=True`, the logits of a causal LM)
     includes the adapter: with tied weights it computes
     `x @ E.T + s * (x @ B.T) @ A.T`, so merged and unmerged logits agree;
@@ -175,7 +163,6 @@ class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
     >>> tuple(layer(np.ones((1, 8), "float32"), reverse=True).shape)
     (1, 50)
     """
-    )
 
     base_class = keras.layers.ReversibleEmbedding
 
