@@ -29,7 +29,10 @@ import re
 import keras
 import numpy as np
 
+from keras_lora.apply import apply_lora
 from keras_lora.saving import base_class_of
+from keras_lora.walk import iter_layers
+from keras_lora.walk import lora_layers
 from keras_lora.walk import require_lora_layers
 from keras_lora.walk import reset_compiled_functions
 from keras_lora.walk import stable_path_of
@@ -58,25 +61,6 @@ class AdapterMismatchError(ValueError):
 
 
 # -- Finding LoRA layers by path ---------------------------------------------
-
-
-def lora_layers(model):
-    """Returns `{layer_path: lora_layer}` for every keras_lora layer.
-
-    The package's one definition of a layer path,
-    `keras_lora.lora_layers`: layer names joined with "/" from `model`
-    down, through nested models and subclassed layers' attributes (e.g.
-    `decoder_block_0/attention/query`).
-
-    Args:
-        model: a `keras.Model` or `keras.layers.Layer`.
-
-    Returns:
-        dict, ordered as the layers are found.
-    """
-    from keras_lora.walk import lora_layers as apply_lora_layers
-
-    return dict(apply_lora_layers(model))
 
 
 # -- Collecting the adapter state -------------------------------------------
@@ -243,16 +227,8 @@ def read_adapters(path):
 
 def _apply_stored_config(model, config):
     """Applies LoRA to a plain model as described by a stored config."""
-    try:
-        from keras_lora.apply import apply_lora
-    except ImportError as e:
-        raise ValueError(
-            "`model` has no keras_lora layers and keras_lora.apply_lora is "
-            "unavailable to add them; apply LoRA before loading."
-        ) from e
     layers = config["layers"]
     first = next(iter(layers.values()))
-    from keras_lora.walk import iter_layers
 
     # Layer paths as they are, or re-keyed by stable path for a model built
     # again (whose names Keras numbered anew); a regex must fullmatch.

@@ -30,6 +30,9 @@ import time
 import keras
 import numpy as np
 
+from keras_lora.layers import LoRALayer
+from keras_lora.merge import merge
+from keras_lora.walk import iter_layers
 from keras_lora.walk import to_numpy
 
 #: Names of the adapter variables; none may reach a SavedModel.
@@ -110,23 +113,13 @@ def _check_path(path, overwrite):
 
 
 def _all_layers(model):
-    from keras_lora.walk import iter_layers
-
     return [layer for _, layer in iter_layers(model)]
 
 
 def _merged_model(model):
     """The model with every keras_lora layer merged (`model` if none)."""
-    from keras_lora.layers import LoRALayer
-
     if not any(isinstance(layer, LoRALayer) for layer in _all_layers(model)):
         return model
-    try:
-        from keras_lora.merge import merge
-    except ImportError as e:  # pragma: no cover - merge ships with the package
-        raise ExportError(
-            f"keras_lora.merge is unavailable ({e}); cannot merge adapters."
-        ) from None
     merged = merge(model)
     left = [
         layer.name

@@ -15,7 +15,6 @@ NumPy arrays keyed by adapter name.
   its base model (every B is zero inside, restored bit for bit after).
 - `combine_adapters(model, {"a": 0.6, "b": 0.4}, name)`: PEFT's "linear"
   weighted combination of equal-rank adapters.
-- `merge_active_adapter(model)`: a plain model with the active adapter folded.
 - `mixed_batch(model, adapter_ids)`: context manager in which example `i`
   of every call uses adapter `list_adapters(model)[adapter_ids[i]]`;
   `mixed_batch_call` is the function form (use it under `jax.jit` or
@@ -410,16 +409,6 @@ def combine_adapters(model, weights, name):
         entry["use_rslora"] = False
 
 
-def merge_active_adapter(model):
-    """A plain Keras model with the active adapter folded into the weights.
-
-    Same as `keras_lora.merge(model)` (the layers hold the active adapter).
-    """
-    from keras_lora.merge import merge
-
-    return merge(model)
-
-
 # -- Mixed batches ------------------------------------------------------------
 
 
@@ -544,7 +533,6 @@ __all__ = [
     "disable_adapters",
     "export_mixed_saved_model",
     "list_adapters",
-    "merge_active_adapter",
     "mixed_batch",
     "mixed_batch_call",
     "set_active_adapter",

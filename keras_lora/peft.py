@@ -31,6 +31,8 @@ import numpy as np
 
 from keras_lora.adapters import assign_adapter_state
 from keras_lora.adapters import lora_layers
+from keras_lora.apply import apply_lora
+from keras_lora.walk import iter_layers
 from keras_lora.walk import require_lora_layers
 from keras_lora.walk import reset_compiled_functions
 from keras_lora.walk import to_numpy
@@ -151,8 +153,6 @@ def detect_architecture(model):
     Raises:
         ValueError: if no supported keras-hub backbone is found.
     """
-    from keras_lora.walk import iter_layers
-
     candidates = [model] + [layer for _, layer in iter_layers(model)]
     for layer in candidates:
         for cls in type(layer).__mro__:
@@ -420,8 +420,6 @@ def load_peft_adapter(model, directory, architecture=None):
         ValueError: unsupported PEFT options or tensors; modules with no
             keras-hub layer (listed); shapes that do not fit (listed).
     """
-    from keras_lora.walk import iter_layers
-
     config, modules = read_peft_adapter(directory)
     architecture = architecture or detect_architecture(model)
     _check_architecture(architecture)
@@ -446,8 +444,6 @@ def load_peft_adapter(model, directory, architecture=None):
         )
     use_rslora = bool(config.get("use_rslora", False))
     if not lora_layers(model):
-        from keras_lora.apply import apply_lora
-
         exact = {p: re.compile(re.escape(p)) for p in by_path}
         model = apply_lora(
             model,
