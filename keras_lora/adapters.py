@@ -123,7 +123,7 @@ def adapter_state(model):
         for name, variable in variables.items():
             value = to_numpy(variable)
             if name == "bias" and layer.merged:
-                value = to_numpy(layer._original_value("bias"))
+                value = to_numpy(layer.original_value("bias"))
             tensors[f"{path}.{name}"] = np.ascontiguousarray(value)
         layer_configs[path] = _layer_config(
             layer, variables, stable.get(id(layer))

@@ -385,16 +385,18 @@ def apply_lora(
     for path, (lora_class, layer_config) in plan.items():
         convert_layer(layers[path], lora_class, layer_config)
 
+    # Freeze and refresh over one walk of the adapted model.
+    walked = list(iter_layers(target))
     kept_layers = set()
     if keep is not None:
         kept_layers = {
             id(layer)
-            for path, layer in iter_layers(target)
+            for path, layer in walked
             if any(_matches(k, path, layer) for k in keep)
         }
-    freeze_base(target, kept_layers)
+    freeze_base(target, kept_layers, layers=[lay for _, lay in walked])
     attach_plan(target)
-    for _, layer in iter_layers(target):
+    for _, layer in walked:
         _keras_private.refresh_torch_params(layer)
     _keras_private.refresh_torch_params(target)
     if inplace and getattr(target, "compiled", False):

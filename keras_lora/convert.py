@@ -13,7 +13,6 @@ from keras_lora.layers import LoRAReversibleEmbedding
 from keras_lora.layers.base import is_plain_subclass
 from keras_lora.walk import is_weighted_leaf
 from keras_lora.walk import iter_layers
-from keras_lora.walk import lora_layers
 
 # Most specific first: ReversibleEmbedding is an Embedding.
 LORA_CLASSES = (
@@ -54,7 +53,7 @@ def convert_layer(layer, lora_class, config):
     layer.__class__ = lora_class
     try:
         with _keras_private.unlocked(layer):
-            layer._init_lora(config)
+            layer.init_lora(config)
             layer.merge_class = original_class
             _keras_private.refresh_call_signature(layer)
             with keras.name_scope(
@@ -68,17 +67,22 @@ def convert_layer(layer, lora_class, config):
     return layer
 
 
-def freeze_base(model, kept_layers=()):
+def freeze_base(model, kept_layers=(), layers=None):
     """Freezes every variable of `model` except the adapters, the biases of
     LoRA layers built with `train_bias=True`, and the weights of the layers
-    whose ids are in `kept_layers` (`apply_lora`'s `trainable_layers`)."""
-    adapters = {
-        id(v)
-        for lay in lora_layers(model).values()
-        for v in lay.adapter_weights().values()
-    }
+    whose ids are in `kept_layers` (`apply_lora`'s `trainable_layers`).
+
+    `layers`: the layers under `model` (`iter_layers`'s), if the caller
+    has walked it already; the model is walked once either way.
+    """
+    layers = (
+        [lay for _, lay in iter_layers(model)] if layers is None else layers
+    )
+    adapters = set()
     kept = set()
-    for _, layer in iter_layers(model):
+    for layer in layers:
+        if isinstance(layer, LoRALayer):
+            adapters.update(id(v) for v in layer.adapter_weights().values())
         if id(layer) in kept_layers:
             kept.update(id(v) for v in layer.weights)
         elif isinstance(layer, LoRALayer) and layer.train_bias:
@@ -87,7 +91,7 @@ def freeze_base(model, kept_layers=()):
                 kept.add(id(bias))
     for variable in model.weights:
         variable.trainable = id(variable) in adapters or id(variable) in kept
-    for _, layer in iter_layers(model):
+    for layer in layers:
         # A frozen leaf layer gets `trainable=False` itself, not only its
         # variables: the flag is saved in `.keras` configs (reload keeps the
         # base frozen), and BatchNormalization then runs in inference mode

@@ -116,7 +116,7 @@ def unload(model):
     for layer in layers.values():
         if layer.merged:
             for name, variable in layer.base_weights().items():
-                values[id(variable)] = layer._original_value(name)
+                values[id(variable)] = layer.original_value(name)
     return clone_model_sharing_variables(
         model, values=values, config_transform=_plain_configs, hint=_UNLOAD_HINT
     )

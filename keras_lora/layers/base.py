@@ -122,8 +122,9 @@ class LoRALayer:
     #: The initializer of A when the config names none (PEFT's defaults).
     default_lora_a_initializer = "he_uniform"
 
-    def _init_lora(self, config):
-        """Sets the adapter's arguments from a validated `LoRAConfig`."""
+    def init_lora(self, config):
+        """Sets the adapter's arguments from a validated `LoRAConfig`
+        (constructors, and `keras_lora.convert` on a converted layer)."""
         self.adapter_rank = config.rank
         self.adapter_alpha = config.alpha
         self.adapter_dropout = config.dropout
@@ -351,12 +352,13 @@ class LoRALayer:
         base = self.base_weights()
         values = {}
         for name, delta in self.weight_deltas().items():
-            original = self._original_value(name)
+            original = self.original_value(name)
             merged = ops.add(ops.cast(original, "float32"), delta)
             values[name] = ops.cast(merged, base[name].dtype)
         return values
 
-    def _original_value(self, name):
+    def original_value(self, name):
+        """The base weight `name` without any adapter merged into it."""
         # Only adapted weights are kept by merge_adapter(); others (bias)
         # are unchanged and read from the variable.
         if self._unmerged_values is not None and name in self._unmerged_values:
@@ -394,7 +396,7 @@ class LoRALayer:
         self._check_built("merge")
         layer = self._new_plain_layer()
         values = self.merged_values()
-        originals = {n: self._original_value(n) for n in self.base_weights()}
+        originals = {n: self.original_value(n) for n in self.base_weights()}
         for weight in layer.weights:
             weight.assign(values.get(weight.name, originals[weight.name]))
         return layer
@@ -404,7 +406,7 @@ class LoRALayer:
         self._check_built("unload")
         layer = self._new_plain_layer()
         for weight in layer.weights:
-            weight.assign(self._original_value(weight.name))
+            weight.assign(self.original_value(weight.name))
         return layer
 
     def merge_adapter(self):
@@ -470,7 +472,7 @@ class LoRALayer:
         if not self.built:
             return
         for name in self.base_weights():
-            store[name] = self._original_value(name)
+            store[name] = self.original_value(name)
         for name, variable in self.adapter_weights().items():
             store[name] = variable
 

@@ -102,7 +102,7 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
             bias_constraint=bias_constraint,
             **kwargs,
         )
-        self._init_lora(lora)
+        self.init_lora(lora)
 
     def build(self, input_shape):
         super().build(input_shape)

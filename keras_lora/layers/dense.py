@@ -106,7 +106,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
             bias_constraint=bias_constraint,
             **kwargs,
         )
-        self._init_lora(lora)
+        self.init_lora(lora)
 
     def build(self, input_shape):
         super().build(input_shape)

@@ -174,7 +174,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             bias_constraint=bias_constraint,
             **kwargs,
         )
-        self._init_lora(lora)
+        self.init_lora(lora)
 
     def build(self, input_shape):
         super().build(input_shape)

@@ -32,7 +32,7 @@ class _EmbeddingLoRA(LoRALayer):
     ):
         lora = layer_config(locals())
         super().__init__(input_dim, output_dim, *args, **kwargs)
-        self._init_lora(lora)
+        self.init_lora(lora)
 
     def build(self, input_shape=None):
         if self.built:
