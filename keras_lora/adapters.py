@@ -151,7 +151,7 @@ def adapter_state(model):
 # -- Files --------------------------------------------------------------------
 
 
-def save_adapters(model, path):
+def save_adapters(model: keras.Model, path: str | os.PathLike) -> dict:
     """Writes the model's adapters (only) to a safetensors file.
 
     Args:
@@ -391,7 +391,7 @@ def assign_adapter_state(layers, tensors, layer_configs=None):
         layer.use_rslora = config.get("use_rslora", layer.use_rslora)
 
 
-def load_adapters(model, path):
+def load_adapters(model: keras.Model, path: str | os.PathLike) -> keras.Model:
     """Loads adapters saved by `save_adapters`, matched by layer path, or by
     stable path where the model's layer names are numbered differently.
 

@@ -6,6 +6,7 @@ create as attributes) and addressed by their layer path, e.g.
 `decoder_block_0/attention/query` in a keras-hub Gemma model.
 """
 
+import collections.abc
 import fnmatch
 import re
 
@@ -27,6 +28,18 @@ from keras_lora.saving import attach_plan
 from keras_lora.walk import iter_layers
 from keras_lora.walk import stable_layer_paths
 from keras_lora.walk import stable_path_of
+
+#: What `targets`, `exclude` and `trainable_layers` accept: a str, compiled
+#: regex, layer class or callable `(path, layer) -> bool`, a list of them,
+#: or `None`.
+Targets = (
+    str
+    | re.Pattern
+    | type
+    | collections.abc.Callable
+    | collections.abc.Sequence
+    | None
+)
 
 #: Names of attention query and value projections (the LoRA paper's
 #: default targets) in Keras, keras-hub and Hugging Face style models, and
@@ -129,7 +142,11 @@ def _per_layer(mapping, path, layer, default):
     return default
 
 
-def select_targets(model, targets=None, exclude=None):
+def select_targets(
+    model: keras.layers.Layer,
+    targets: Targets = None,
+    exclude: Targets = None,
+) -> dict[str, keras.layers.Layer]:
     """Returns `{path: layer}` of the layers `apply_lora` would adapt.
 
     Args:
@@ -247,19 +264,19 @@ def select_targets(model, targets=None, exclude=None):
 
 
 def apply_lora(
-    model,
-    rank=8,
-    alpha=None,
-    targets=None,
-    exclude=None,
-    dropout=0.0,
-    use_rslora=False,
-    rank_pattern=None,
-    alpha_pattern=None,
-    train_bias=False,
-    trainable_layers=None,
-    inplace=False,
-):
+    model: keras.Model,
+    rank: int = 8,
+    alpha: float | None = None,
+    targets: Targets = None,
+    exclude: Targets = None,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
+    train_bias: bool = False,
+    trainable_layers: Targets = None,
+    inplace: bool = False,
+) -> keras.Model:
     """Adds LoRA adapters to the target layers of a model.
 
     Returns a model of the same class (a keras-hub `GemmaCausalLM` keeps

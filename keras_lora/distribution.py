@@ -50,7 +50,9 @@ __all__ = [
 ]
 
 
-def lora_layout_map(layout_map, model):
+def lora_layout_map(
+    layout_map: keras.distribution.LayoutMap, model: keras.layers.Layer
+) -> keras.distribution.LayoutMap:
     """Returns a copy of `layout_map` with exact keys for every adapter.
 
     The user's keys are kept in order; for each adapter variable of each
@@ -151,7 +153,7 @@ def lora_layout_map(layout_map, model):
     return new
 
 
-def variable_layouts(model):
+def variable_layouts(model: keras.layers.Layer) -> dict[str, tuple]:
     """`{variable.path: sharding spec}` of a model's variables (JAX).
 
     The spec is the tuple of mesh axes per array axis of the variable's

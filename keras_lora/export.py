@@ -361,17 +361,17 @@ def _compare(expected, actual, atol, rtol):
 
 
 def export_saved_model(
-    model,
-    path,
-    overwrite=False,
+    model: keras.Model,
+    path: str | os.PathLike,
+    overwrite: bool = False,
     check_inputs=None,
-    atol=1e-4,
-    rtol=1e-4,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
     input_signature=None,
-    safe_mode=True,
-    timeout=900,
-    method="auto",
-):
+    safe_mode: bool = True,
+    timeout: float = 900,
+    method: str = "auto",
+) -> SavedModelExport:
     """Merges the adapters and writes a TensorFlow SavedModel for serving.
 
     Works from the TensorFlow, JAX and PyTorch backends alike. The

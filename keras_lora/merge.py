@@ -56,7 +56,7 @@ def _plain_configs(serialized):
     return {key: _plain_configs(value) for key, value in serialized.items()}
 
 
-def merge(model):
+def merge(model: keras.Model) -> keras.Model:
     """Returns a plain Keras model with every adapter folded into its weights.
 
     Each keras_lora layer becomes its base Keras layer with
@@ -104,7 +104,7 @@ def merge(model):
     )
 
 
-def unload(model):
+def unload(model: keras.Model) -> keras.Model:
     """Returns the base model: every keras_lora layer back to its base layer,
     with the original (unmerged) weights, shared with `model`.
 
@@ -122,7 +122,7 @@ def unload(model):
     )
 
 
-def merge_adapters(model):
+def merge_adapters(model: keras.Model) -> keras.Model:
     """Folds every adapter into its base weights in place (PEFT's
     `merge_adapter`): inference then runs at the base model's speed. The
     original weights are kept, so `unmerge_adapters` restores them bit for
@@ -141,7 +141,7 @@ def merge_adapters(model):
     return model
 
 
-def unmerge_adapters(model):
+def unmerge_adapters(model: keras.Model) -> keras.Model:
     """Undoes `merge_adapters`: restores the kept base weights bit for bit.
 
     Raises:

@@ -1,8 +1,10 @@
 """A report of what `apply_lora` adapted, in the style of `model.summary()`."""
 
+import collections.abc
 import io
 import math
 
+import keras
 from rich.console import Console
 from rich.table import Table
 
@@ -15,7 +17,7 @@ def _count(variables):
     return int(sum(math.prod(v.shape) for v in variables))
 
 
-def lora_report(model):
+def lora_report(model: keras.Model) -> dict:
     """Returns what was adapted, as data.
 
     Args:
@@ -60,7 +62,9 @@ def lora_report(model):
     }
 
 
-def lora_summary(model, print_fn=None):
+def lora_summary(
+    model: keras.Model, print_fn: collections.abc.Callable | None = None
+) -> None:
     """Prints a table of the adapted layers and the parameter totals.
 
     Args:

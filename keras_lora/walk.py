@@ -10,6 +10,8 @@ stable path. keras_lora layers are named by their base class (a `LoRADense`
 sits where its `Dense` sat), so a model and its adapted clone agree.
 """
 
+import collections.abc
+
 import keras
 import numpy as np
 
@@ -51,7 +53,9 @@ def is_weighted_leaf(layer):
     return bool(layer.weights) and not _keras_private.sublayers(layer)
 
 
-def iter_layers(model):
+def iter_layers(
+    model: keras.layers.Layer,
+) -> collections.abc.Iterator[tuple[str, keras.layers.Layer]]:
     """Yields `(path, layer)` for every layer under `model`, at any depth.
 
     A layer's path is the chain of layer names from `model` down to it
@@ -82,7 +86,7 @@ def iter_layers(model):
     yield from walk(model, "")
 
 
-def lora_layers(model):
+def lora_layers(model: keras.layers.Layer) -> dict[str, LoRALayer]:
     """Returns `{path: layer}` for every keras_lora layer in `model`."""
     return {
         p: lay for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)

@@ -209,3 +209,19 @@ def test_weight_providers_are_scoped_to_their_thread_and_nest():
     layer.build((None, 3))
     assert calls == [("inner", "kernel"), ("outer", "kernel")]
     assert np.asarray(layer.kernel).shape == (3, 2)
+
+
+def test_public_functions_have_type_hints():
+    import inspect
+
+    import keras_lora
+
+    for name in keras_lora.__all__:
+        obj = getattr(keras_lora, name)
+        if inspect.isfunction(obj):
+            signature = inspect.signature(obj)
+            assert signature.return_annotation is not inspect.Signature.empty, (
+                name
+            )
+            first = next(iter(signature.parameters.values()))
+            assert first.annotation is not inspect.Parameter.empty, name
