@@ -8,6 +8,7 @@ create as attributes) and addressed by their layer path, e.g.
 
 import collections.abc
 import fnmatch
+import functools
 import re
 
 import keras
@@ -161,9 +162,20 @@ def select_targets(
         TypeError: a pattern has an unsupported type, or a target matches a
             layer keras_lora cannot adapt.
     """
+    return _select(
+        list(iter_layers(model)),
+        functools.cache(lambda: stable_path_of(model)),
+        targets,
+        exclude,
+    )
+
+
+def _select(layers, stable, targets, exclude):
+    """`select_targets` over a walk already made: `layers`, the
+    `iter_layers` pairs, and `stable()`, `stable_path_of` of the model
+    (called only when needed)."""
     targets = _as_pattern_list(targets, "targets")
     exclude = _as_pattern_list(exclude, "exclude")
-    layers = list(iter_layers(model))
     already = [p for p, lay in layers if isinstance(lay, LoRALayer)]
     if already:
         raise ValueError(
@@ -172,7 +184,7 @@ def select_targets(
         )
     adaptable = [(p, lay) for p, lay in layers if lora_class_for(lay)]
     if targets is None:
-        stable = stable_path_of(model)
+        stable = stable()
         selected = [
             (p, lay)
             for p, lay in adaptable
@@ -360,7 +372,11 @@ def apply_lora(
                 f"Received: {argument}={mapping!r}"
             )
     keep = _as_pattern_list(trainable_layers, "trainable_layers")
-    selected = select_targets(model, targets, exclude)
+    # One walk of `model` by name path and one by stable path serve target
+    # selection, `trainable_layers` and carrying the plan to the clone.
+    walked = list(iter_layers(model))
+    stable = functools.cache(lambda: stable_path_of(model))
+    selected = _select(walked, stable, targets, exclude)
     plan = {}
     for path, layer in selected.items():
         layer_rank = _per_layer(rank_pattern, path, layer, rank)
@@ -370,7 +386,7 @@ def apply_lora(
             layer_config = config.replace(rank=layer_rank, alpha=layer_alpha)
         plan[path] = (lora_class_for(layer), layer_config)
     if keep is not None:
-        layers = list(iter_layers(model))
+        layers = walked
         unmatched = [
             k for k in keep if not any(_matches(k, p, lay) for p, lay in layers)
         ]
@@ -387,7 +403,7 @@ def apply_lora(
         target = model
         layers = {path: selected[path] for path in plan}
     else:
-        stable = stable_path_of(model)
+        stable = stable()
         unreachable = [p for p in plan if id(selected[p]) not in stable]
         if unreachable:
             raise ValueError(
