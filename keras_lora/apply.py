@@ -377,6 +377,21 @@ def apply_lora(
     walked = list(iter_layers(model))
     stable = functools.cache(lambda: stable_path_of(model))
     selected = _select(walked, stable, targets, exclude)
+    for argument, mapping in (
+        ("rank_pattern", rank_pattern),
+        ("alpha_pattern", alpha_pattern),
+    ):
+        idle = [
+            key
+            for key in mapping or {}
+            if not any(_matches(key, p, lay) for p, lay in selected.items())
+        ]
+        if idle:
+            raise ValueError(
+                f"These `{argument}` keys select no adapted layer: "
+                f"{', '.join(_describe(k) for k in idle)}. Adapted layer "
+                f"paths: {list(selected)}"
+            )
     plan = {}
     for path, layer in selected.items():
         layer_rank = _per_layer(rank_pattern, path, layer, rank)

@@ -56,6 +56,13 @@ def _plain_configs(serialized):
     return {key: _plain_configs(value) for key, value in serialized.items()}
 
 
+def _merged_values(path, layer):
+    try:
+        return layer.merged_values()
+    except ValueError as e:
+        raise ValueError(f"Cannot merge layer {path!r}: {e}") from None
+
+
 def merge(model: keras.Model) -> keras.Model:
     """Returns a plain Keras model with every adapter folded into its weights.
 
@@ -80,7 +87,10 @@ def merge(model: keras.Model) -> keras.Model:
 
     Raises:
         ValueError: if `model` has no keras_lora layers (e.g. it is already
-            merged): merging twice is refused rather than silently repeated.
+            merged): merging twice is refused rather than silently repeated;
+            or a merged weight would not be finite (inf or NaN, e.g. a
+            float16 overflow; PEFT's `safe_merge`, always on), naming the
+            layer path; nothing is changed.
 
     Example:
 
@@ -92,9 +102,9 @@ def merge(model: keras.Model) -> keras.Model:
     """
     layers = require_lora_layers(model, "merge")
     values = {}
-    for layer in layers.values():
+    for path, layer in layers.items():
         base = layer.base_weights()
-        for name, value in layer.merged_values().items():
+        for name, value in _merged_values(path, layer).items():
             values[id(base[name])] = value
     return clone_model_sharing_variables(
         model,
@@ -129,14 +139,20 @@ def merge_adapters(model: keras.Model) -> keras.Model:
     bit. Compiled functions are reset so the next call retraces.
 
     Raises:
-        ValueError: if `model` has no keras_lora layers or is already merged.
+        ValueError: if `model` has no keras_lora layers or is already merged,
+            or a merged weight would not be finite (as in `merge`); then no
+            layer is changed.
     """
     layers = require_lora_layers(model, "merge adapters")
     merged = [p for p, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(f"Adapters already merged in place at {merged}.")
-    for layer in layers.values():
-        layer.merge_adapter()
+    # Every layer's merged weights first, so a refused one changes nothing.
+    values = {
+        path: _merged_values(path, layer) for path, layer in layers.items()
+    }
+    for path, layer in layers.items():
+        layer.assign_merged(values[path])
     reset_compiled_functions(model)
     return model
 

@@ -355,6 +355,15 @@ class LoRALayer:
             original = self.original_value(name)
             merged = ops.add(ops.cast(original, "float32"), delta)
             values[name] = ops.cast(merged, base[name].dtype)
+            if not bool(ops.all(ops.isfinite(values[name]))):
+                # PEFT's safe_merge, always on: a non-finite weight (a float16
+                # overflow, a NaN adapter) is never what merging should give.
+                raise ValueError(
+                    f"Merging the adapter of layer '{self.name}' gives a "
+                    f"non-finite `{name}` (inf or NaN in {base[name].dtype}; "
+                    "an overflow of the weight's dtype or a non-finite "
+                    "adapter). Nothing was changed."
+                )
         return values
 
     def original_value(self, name):
@@ -422,7 +431,11 @@ class LoRALayer:
         self._check_built("merge_adapter")
         if self.merged:
             raise ValueError(f"Layer '{self.name}' is already merged.")
-        values = self.merged_values()
+        self.assign_merged(self.merged_values())
+
+    def assign_merged(self, values):
+        """Writes precomputed `merged_values()` into the base weights, keeping
+        the originals (the second half of `merge_adapter`)."""
         base = self.base_weights()
         self._unmerged_values = {n: ops.copy(base[n].value) for n in values}
         for name, value in values.items():

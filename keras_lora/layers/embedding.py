@@ -31,8 +31,34 @@ class _EmbeddingLoRA(LoRALayer):
         **kwargs,
     ):
         lora = layer_config(locals())
+        # Keras builds the layer in its constructor when given `weights`;
+        # the adapter must exist first, so the base weights are set here.
+        weights = kwargs.pop("weights", None)
         super().__init__(input_dim, output_dim, *args, **kwargs)
         self.init_lora(lora)
+        if weights is not None:
+            self.build()
+            self.set_base_weights(weights)
+
+    def set_base_weights(self, weights):
+        """Sets the base table(s) as Keras's `weights=` argument does: one
+        array, or a list with one array per base weight (`embeddings`, then
+        `reverse_embeddings` if untied). The adapters are left as they are.
+        """
+        base = list(self.base_weights().values())
+        if not (
+            isinstance(weights, list | tuple) and len(weights) == len(base)
+        ):
+            weights = [weights]
+        shapes = [tuple(v.shape) for v in base]
+        given = [tuple(getattr(w, "shape", ())) for w in weights]
+        if given != shapes:
+            raise ValueError(
+                f"`weights` must hold arrays of shapes {shapes} (the base "
+                f"weights of layer '{self.name}'). Received: shapes {given}"
+            )
+        for variable, value in zip(base, weights, strict=True):
+            variable.assign(value)
 
     def build(self, input_shape=None):
         if self.built:
