@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import to_numpy
+from numerics import assert_close
 from numerics import assert_exact
 
 import keras_lora as kl
@@ -111,3 +112,34 @@ def test_c20_weights_argument_sets_the_base_weights(tie_weights):
     assert_exact(to_numpy(lora(ids)), to_numpy(plain(ids)))
     with pytest.raises(ValueError, match=r"`weights`.*\(3, 4\)"):
         kl.LoRAEmbedding(3, 4, rank=2, weights=np.ones((4, 4)))
+
+
+def test_c21_embedding_of_ragged_ids_is_ragged_like_keras():
+    """C21: on TensorFlow a tf.RaggedTensor of ids gives a RaggedTensor,
+    as Keras's Embedding does, with the plain lookup plus the adapter's
+    rows (NumPy oracle); other backends have no ragged tensors, and there
+    the same ids, padded, give the plain layer's output plus the adapter."""
+    rng = np.random.default_rng(0)
+    plain = keras.layers.Embedding(5, 4)
+    plain.build()
+    lora = kl.LoRAEmbedding.from_layer(plain, rank=2, alpha=4)
+    lora.lora_b.assign(rng.normal(size=(2, 4)).astype("float32"))
+    table = to_numpy(plain.embeddings)
+    a, b = to_numpy(lora.lora_a), to_numpy(lora.lora_b)
+    rows = [[1, 2, 4], [0]]
+    want = [table[r] + 2.0 * a[r] @ b for r in rows]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        ids = tf.ragged.constant(rows)
+        out = lora(ids)
+        assert isinstance(out, tf.RaggedTensor)
+        assert isinstance(plain(ids), tf.RaggedTensor)
+        assert out.row_lengths().numpy().tolist() == [3, 1]
+        got = [row.numpy() for row in out]
+    else:
+        ids = np.array([rows[0], rows[1] + [0, 0]])
+        out = to_numpy(lora(ids))
+        got = [out[0], out[1][:1]]
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w)

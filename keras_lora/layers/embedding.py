@@ -91,23 +91,28 @@ class _EmbeddingLoRA(LoRALayer):
         tokens = ops.cast(inputs, "int32")
         if adapter_ids is None:
             rows = ops.take(a, tokens, axis=0)
-        else:
-            n, vocab, r = a.shape
-            offsets = ops.reshape(
-                ops.multiply(ops.cast(adapter_ids, "int32"), vocab),
-                (-1,) + (1,) * (len(tokens.shape) - 1),
-            )
-            rows = ops.take(
-                ops.reshape(a, (n * vocab, r)),
-                ops.add(tokens, offsets),
-                axis=0,
-            )
-        noise_shape = tuple(ops.shape(rows)[:-1]) + (1,)
-        rows = self.lora_dropout(rows, training, noise_shape=noise_shape)
-        if adapter_ids is None:
-            return ops.matmul(rows, b)
+            if hasattr(rows, "flat_values"):
+                # A tf.RaggedTensor of ids (Keras's Embedding returns one):
+                # the per-token math runs on its flat values.
+                flat = self._dropped_tokens(rows.flat_values, training)
+                return rows.with_flat_values(ops.matmul(flat, b))
+            return ops.matmul(self._dropped_tokens(rows, training), b)
+        n, vocab, r = a.shape
+        offsets = ops.reshape(
+            ops.multiply(ops.cast(adapter_ids, "int32"), vocab),
+            (-1,) + (1,) * (len(tokens.shape) - 1),
+        )
+        rows = ops.take(
+            ops.reshape(a, (n * vocab, r)), ops.add(tokens, offsets), axis=0
+        )
+        rows = self._dropped_tokens(rows, training)
         b = ops.take(b, adapter_ids, axis=0)
         return ops.einsum("b...r,bro->b...o", rows, b)
+
+    def _dropped_tokens(self, rows, training):
+        """Branch dropout of whole tokens (noise shape `(..., 1)`)."""
+        noise_shape = tuple(ops.shape(rows)[:-1]) + (1,)
+        return self.lora_dropout(rows, training, noise_shape=noise_shape)
 
     def weight_deltas(self):
         delta = ops.matmul(self.lora_a, self.lora_b)
