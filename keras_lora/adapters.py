@@ -292,7 +292,7 @@ def _stable_rename(model, layers, stored):
     return rename
 
 
-def _by_model_paths(model, layers, tensors, config):
+def rekey_to_model(model, layers, tensors, config):
     """Re-keys a file's tensors and layer configs from the layer paths it
     was saved with to `model`'s layer paths (`_stable_rename`)."""
     stored = config.get("layers") or {}
@@ -425,7 +425,7 @@ def load_adapters(model: keras.Model, path: str | os.PathLike) -> keras.Model:
     if not layers:
         model = _apply_stored_config(model, config)
         layers = lora_layers(model)
-    tensors, layer_configs = _by_model_paths(model, layers, tensors, config)
+    tensors, layer_configs = rekey_to_model(model, layers, tensors, config)
     assign_adapter_state(layers, tensors, layer_configs)
     reset_compiled_functions(model)
     return model

@@ -27,6 +27,7 @@ from keras_lora.layers.config import LoRAConfig
 from keras_lora.layers.einsum_dense import factor_equation
 from keras_lora.saving import attach_plan
 from keras_lora.walk import iter_layers
+from keras_lora.walk import reset_compiled_functions
 from keras_lora.walk import stable_layer_paths
 from keras_lora.walk import stable_path_of
 
@@ -447,6 +448,9 @@ def apply_lora(
     for _, layer in walked:
         _keras_private.refresh_torch_params(layer)
     _keras_private.refresh_torch_params(target)
-    if inplace and getattr(target, "compiled", False):
-        target.compile_from_config(target.get_compile_config())
+    if inplace:
+        # Functions traced before the conversion compute without adapters.
+        reset_compiled_functions(target)
+        if getattr(target, "compiled", False):
+            target.compile_from_config(target.get_compile_config())
     return target

@@ -84,7 +84,9 @@ def freeze_base(model, kept_layers=(), layers=None):
         if isinstance(layer, LoRALayer):
             adapters.update(id(v) for v in layer.adapter_weights().values())
         if id(layer) in kept_layers:
-            kept.update(id(v) for v in layer.weights)
+            # Its trainable weights only: BatchNormalization's moving
+            # statistics stay non-trainable (Keras updates them in `fit`).
+            kept.update(id(v) for v in layer.weights if v.trainable)
         elif isinstance(layer, LoRALayer) and layer.train_bias:
             bias = layer.base_weights().get("bias")
             if bias is not None:

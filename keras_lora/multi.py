@@ -40,6 +40,7 @@ from keras_lora.adapters import adapter_state
 from keras_lora.adapters import check_adapter_state
 from keras_lora.adapters import lora_layers
 from keras_lora.adapters import read_adapters
+from keras_lora.adapters import rekey_to_model
 from keras_lora.layers.config import lora_scaling
 from keras_lora.walk import require_lora_layers
 from keras_lora.walk import reset_compiled_functions
@@ -251,7 +252,8 @@ def add_adapter(model, name, weights=None):
         tensors = {k: np.asarray(v, "float32") for k, v in weights.items()}
     else:
         tensors, config = read_adapters(weights)
-        configs = config.get("layers", {})
+        # Re-keyed by stable path for a model whose names Keras renumbered.
+        tensors, configs = rekey_to_model(model, layers, tensors, config)
     check_adapter_state(layers, tensors)
     for path, layer in layers.items():
         config = configs.get(path, {})
@@ -423,7 +425,8 @@ def mixed_batch(model, adapter_ids):
 
     Raises:
         ValueError: the model has no named adapters (call `add_adapter`),
-            or `adapter_ids` is not a rank-1 integer tensor.
+            `adapter_ids` is not a rank-1 integer tensor, or (given as a
+            NumPy array or list) an id is out of range.
     """
     layers = _layers(model, create=True)
     del layers
@@ -434,6 +437,17 @@ def mixed_batch(model, adapter_ids):
             f"index per example). Received: shape={tuple(ids.shape)}, "
             f"dtype={ids.dtype}"
         )
+    if isinstance(adapter_ids, list | tuple | np.ndarray | int):
+        # Concrete ids (traced ones cannot be read): out-of-range indices
+        # would gather garbage silently on some backends.
+        values = np.asarray(adapter_ids)
+        count = len(list_adapters(model))
+        if values.size and (values.min() < 0 or values.max() >= count):
+            raise ValueError(
+                f"`adapter_ids` must index the model's {count} adapters "
+                f"{list_adapters(model)} (0 to {count - 1}). Received: "
+                f"adapter_ids={values.tolist()}"
+            )
     token = _MIXED.set((id(model), ops.cast(ids, "int32")))
     try:
         yield model

@@ -455,7 +455,10 @@ def test_converted_layers_use_their_constructors_default_initializers():
 def test_lora_config_validates_once_and_layers_take_it_keyword_only():
     """One validated config: the same messages from the object, the layer
     constructors and apply_lora; LoRA arguments are keyword-only."""
-    assert LoRAConfig(rank=4).alpha == 4 and LoRAConfig(rank=4).scaling == 1
+    assert LoRAConfig(rank=4).resolved_alpha == 4
+    assert LoRAConfig(rank=4).scaling == 1
+    # alpha=None stays "alpha = rank" through replace.
+    assert LoRAConfig().replace(rank=4).scaling == 1.0
     assert LoRAConfig(rank=4, alpha=2, use_rslora=True).scaling == 1.0
     with pytest.raises(ValueError, match=r"`rank`.*Received: rank=0"):
         LoRAConfig(rank=0)

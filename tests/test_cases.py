@@ -143,3 +143,8 @@ def test_c21_embedding_of_ragged_ids_is_ragged_like_keras():
         got = [out[0], out[1][:1]]
     for g, w in zip(got, want, strict=True):
         assert_close(g, w)
+
+
+def test_c20_weights_of_the_wrong_count_name_the_shapes():
+    with pytest.raises(ValueError, match=r"`weights` must hold 1.*\(3, 4\)"):
+        kl.LoRAEmbedding(3, 4, rank=2, weights=[np.ones((3, 4))] * 2)

@@ -381,3 +381,44 @@ def test_every_lora_layer_kind_computes_a_branch():
     layer = NoBranch(2, rank=1)
     with pytest.raises(NotImplementedError, match="NoBranch"):
         layer(np.ones((1, 3), "float32"))
+
+
+def test_adapter_file_adds_to_a_rebuilt_model_and_bad_ids_are_refused(
+    tmp_path,
+):
+    """An adapter file saved from one build adds as a named adapter to the
+    same architecture built again (Keras renumbers `dense` to `dense_N`:
+    matched by stable path, as `load_adapters` does); concrete adapter
+    ids out of range are an error, not a silent gather."""
+
+    def build():
+        inputs = keras.Input((4,))
+        h = keras.layers.Dense(4)(inputs)
+        return keras_lora.apply_lora(
+            keras.Model(inputs, keras.layers.Dense(2)(h)),
+            rank=2,
+            targets=keras.layers.Dense,
+        )
+
+    first = build()
+    assign(first, random_adapter(first, 5))
+    path = str(tmp_path / "a.safetensors")
+    keras_lora.save_adapters(first, path)
+    second = build()
+    assert set(keras_lora.lora_layers(first)).isdisjoint(
+        keras_lora.lora_layers(second)
+    )
+    multi.add_adapter(second, "from_file", path)
+    multi.set_active_adapter(second, "from_file")
+    # Layer by layer (same structural position), the file's values.
+    for (p1, a), (p2, b) in zip(
+        keras_lora.lora_layers(first).items(),
+        keras_lora.lora_layers(second).items(),
+        strict=True,
+    ):
+        assert p1 != p2
+        for name in ("lora_a", "lora_b"):
+            assert_exact(to_numpy(getattr(b, name)), to_numpy(getattr(a, name)))
+    x = np.random.default_rng(6).normal(size=(3, 4)).astype("float32")
+    with pytest.raises(ValueError, match=r"`adapter_ids`.*Received.*\[0, 2\]"):
+        multi.mixed_batch_call(second, x[:2], np.array([0, 2]))

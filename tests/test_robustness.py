@@ -227,3 +227,39 @@ def test_mixed_bfloat16_apply_fit_merge_reload(tmp_path, rng):
     reloaded = keras.saving.load_model(tmp_path / "bf16.keras")
     assert reloaded.get_layer("d1").dtype_policy.name == "mixed_bfloat16"
     assert_exact(to_numpy(reloaded(x)).astype("float32"), out)
+
+
+def test_inplace_apply_resets_functions_traced_before(rng):
+    """`predict` traced on the base model before `apply_lora(inplace=True)`
+    is traced again: it computes with the adapters, as an eager call."""
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="d")(inputs))
+    x = rng.normal(size=(2, 4)).astype("float32")
+    model.predict(x, verbose=0)
+    lora = kl.apply_lora(model, rank=2, targets=["d"], inplace=True)
+    layer = kl.lora_layers(lora)["d"]
+    layer.lora_b.assign(rng.normal(size=layer.lora_b.shape).astype("float32"))
+    assert_close(lora.predict(x, verbose=0), to_numpy(lora(x)))
+
+
+def test_kept_batchnorm_trains_and_keeps_updating_statistics(rng):
+    """`trainable_layers=[<BatchNormalization>]`: gamma and beta train,
+    the moving statistics stay non-trainable and `fit` updates them as in
+    plain Keras; the model then merges."""
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(4, name="d")(inputs)
+    outputs = keras.layers.BatchNormalization(name="bn")(h)
+    model = keras.Model(inputs, outputs)
+    lora = kl.apply_lora(model, rank=2, targets=["d"], trainable_layers=["bn"])
+    bn = lora.get_layer("bn")
+    assert sorted(v.name for v in bn.trainable_weights) == ["beta", "gamma"]
+    assert sorted(v.name for v in bn.non_trainable_weights) == [
+        "moving_mean",
+        "moving_variance",
+    ]
+    lora.compile(optimizer="sgd", loss="mse")
+    x = rng.normal(loc=3.0, size=(16, 4)).astype("float32")
+    lora.fit(x, x, epochs=1, batch_size=8, verbose=0)
+    assert np.abs(to_numpy(bn.moving_mean)).max() > 0
+    merged = kl.merge(lora)
+    assert_close(to_numpy(merged(x)), to_numpy(lora(x)), ulps=256)

@@ -126,7 +126,7 @@ class LoRALayer:
         """Sets the adapter's arguments from a validated `LoRAConfig`
         (constructors, and `keras_lora.convert` on a converted layer)."""
         self.adapter_rank = config.rank
-        self.adapter_alpha = config.alpha
+        self.adapter_alpha = config.resolved_alpha
         self.adapter_dropout = config.dropout
         self.use_rslora = config.use_rslora
         self.train_bias = config.train_bias

@@ -109,13 +109,18 @@ class LoRAConfig:
                     f"Received: {name}={getattr(self, name)!r}"
                 )
         object.__setattr__(self, "rank", rank)
-        object.__setattr__(self, "alpha", alpha)
         object.__setattr__(self, "dropout", float(self.dropout))
+
+    @property
+    def resolved_alpha(self):
+        """`alpha`, or `rank` where `alpha` is `None` (kept as `None`, so
+        `replace(rank=...)` still means alpha = the new rank)."""
+        return self.rank if self.alpha is None else self.alpha
 
     @property
     def scaling(self):
         """The factor `s` in `W + s * A @ B`."""
-        return lora_scaling(self.rank, self.alpha, self.use_rslora)
+        return lora_scaling(self.rank, self.resolved_alpha, self.use_rslora)
 
     def replace(self, **changes):
         """A copy with `changes` applied (and validated)."""

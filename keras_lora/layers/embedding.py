@@ -46,6 +46,14 @@ class _EmbeddingLoRA(LoRALayer):
         `reverse_embeddings` if untied). The adapters are left as they are.
         """
         base = list(self.base_weights().values())
+        if isinstance(weights, list | tuple) and len(weights) != len(base):
+            given = [tuple(getattr(w, "shape", ())) for w in weights]
+            raise ValueError(
+                f"`weights` must hold {len(base)} array(s), the base weights "
+                f"of layer '{self.name}' of shapes "
+                f"{[tuple(v.shape) for v in base]}. Received: {len(weights)} "
+                f"arrays of shapes {given}"
+            )
         if not (
             isinstance(weights, list | tuple) and len(weights) == len(base)
         ):
