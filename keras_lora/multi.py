@@ -441,11 +441,12 @@ def mixed_batch(model, adapter_ids):
         # Concrete ids (traced ones cannot be read): out-of-range indices
         # would gather garbage silently on some backends.
         values = np.asarray(adapter_ids)
-        count = len(list_adapters(model))
+        names = list_adapters(model)
+        count = len(names)
         if values.size and (values.min() < 0 or values.max() >= count):
             raise ValueError(
                 f"`adapter_ids` must index the model's {count} adapters "
-                f"{list_adapters(model)} (0 to {count - 1}). Received: "
+                f"{names} (0 to {count - 1}). Received: "
                 f"adapter_ids={values.tolist()}"
             )
     token = _MIXED.set((id(model), ops.cast(ids, "int32")))

@@ -124,14 +124,15 @@ def attach_plan(model):
         if path and isinstance(layer, keras.Model)
     ]
     for sub in [*nested, model]:
-        if not lora_layers(sub):
+        adapted = set(lora_layers(sub))
+        if not adapted:
             continue
         try:
             config = keras.saving.serialize_keras_object(sub)
             in_config = _lora_paths_in_config(config.get("config", {}))
         except Exception:  # noqa: BLE001 - not serializable: let save say so
             continue
-        if set(lora_layers(sub)) - in_config:
+        if adapted - in_config:
             sub.__class__ = lora_model_class(type(sub))
 
 

@@ -15,7 +15,6 @@ import keras
 from keras import ops
 
 from keras_lora import _keras_private
-from keras_lora.layers.config import LoRAConfig
 from keras_lora.layers.config import lora_scaling
 from keras_lora.layers.layout import adapter_layout_scope
 
@@ -142,19 +141,6 @@ class LoRALayer:
         self._unmerged_values = None
         self.dropout_seed = (
             keras.random.SeedGenerator() if config.dropout > 0 else None
-        )
-
-    @property
-    def lora_config(self):
-        """The layer's adapter arguments now, as a `LoRAConfig`."""
-        return LoRAConfig(
-            rank=self.adapter_rank,
-            alpha=self.adapter_alpha,
-            dropout=self.adapter_dropout,
-            use_rslora=self.use_rslora,
-            lora_a_initializer=self.lora_a_initializer,
-            lora_b_initializer=self.lora_b_initializer,
-            train_bias=self.train_bias,
         )
 
     @property

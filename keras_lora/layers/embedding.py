@@ -46,20 +46,16 @@ class _EmbeddingLoRA(LoRALayer):
         `reverse_embeddings` if untied). The adapters are left as they are.
         """
         base = list(self.base_weights().values())
-        if isinstance(weights, list | tuple) and len(weights) != len(base):
-            given = [tuple(getattr(w, "shape", ())) for w in weights]
+        shapes = [tuple(v.shape) for v in base]
+        if not isinstance(weights, list | tuple):
+            weights = [weights]
+        given = [tuple(getattr(w, "shape", ())) for w in weights]
+        if len(weights) != len(base):
             raise ValueError(
                 f"`weights` must hold {len(base)} array(s), the base weights "
-                f"of layer '{self.name}' of shapes "
-                f"{[tuple(v.shape) for v in base]}. Received: {len(weights)} "
-                f"arrays of shapes {given}"
+                f"of layer '{self.name}' of shapes {shapes}. Received: "
+                f"{len(weights)} arrays of shapes {given}"
             )
-        if not (
-            isinstance(weights, list | tuple) and len(weights) == len(base)
-        ):
-            weights = [weights]
-        shapes = [tuple(v.shape) for v in base]
-        given = [tuple(getattr(w, "shape", ())) for w in weights]
         if given != shapes:
             raise ValueError(
                 f"`weights` must hold arrays of shapes {shapes} (the base "
