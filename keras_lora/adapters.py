@@ -30,18 +30,23 @@ import keras
 import numpy as np
 
 from keras_lora.apply import apply_lora
+from keras_lora.banks import DEFAULT_ADAPTER
+from keras_lora.banks import named_layers
 from keras_lora.saving import base_class_of
 from keras_lora.walk import iter_layers
 from keras_lora.walk import lora_layers
+from keras_lora.walk import remember_models
 from keras_lora.walk import require_lora_layers
 from keras_lora.walk import reset_compiled_functions
 from keras_lora.walk import stable_path_of
 from keras_lora.walk import to_numpy
+from keras_lora.walk import traced_state
 
 #: Name of the safetensors metadata entry that holds the JSON config.
 CONFIG_KEY = "keras_lora_config"
 FORMAT_NAME = "keras_lora.adapters"
-FORMAT_VERSION = 1
+#: Files with one adapter are version 1; version 2 holds several.
+FORMAT_VERSION = 2
 
 
 class AdapterMismatchError(ValueError):
@@ -76,7 +81,7 @@ def _layer_variables(layer):
     return variables
 
 
-def _layer_config(layer, variables, stable_path):
+def _layer_config(layer, shapes, stable_path):
     return {
         "stable_path": stable_path,
         "class": type(layer).__name__,
@@ -86,15 +91,18 @@ def _layer_config(layer, variables, stable_path):
         "use_rslora": bool(layer.use_rslora),
         "dropout": float(layer.adapter_dropout),
         "train_bias": bool(layer.train_bias),
-        "shapes": {n: list(v.shape) for n, v in variables.items()},
+        "shapes": {n: list(shape) for n, shape in shapes.items()},
     }
 
 
-def adapter_state(model):
-    """Returns `(tensors, config)`: the model's adapters as NumPy arrays.
+def adapter_state(model, name=None):
+    """Returns `(tensors, config)`: one adapter of the model as NumPy arrays.
 
     Args:
         model: a model (or layer) holding keras_lora layers.
+        name: `None` (default) for the active adapter (the one the layers'
+            variables hold), or the name of one of the model's named
+            adapters (`keras_lora.multi`).
 
     Returns:
         `tensors`: `{"<path>.<name>": float32 np.ndarray}`; `config`: the
@@ -106,6 +114,9 @@ def adapter_state(model):
             first) or not built.
     """
     layers = require_lora_layers(model, "save adapters")
+    banks = banks_of(layers)
+    if banks is not None and name is not None and name != banks[0].active:
+        return _bank_state(model, layers, name)
     tensors = {}
     layer_configs = {}
     stable = stable_path_of(model)
@@ -120,21 +131,47 @@ def adapter_state(model):
                 "`unmerge_adapter()` before saving its trained bias."
             )
         variables = _layer_variables(layer)
-        for name, variable in variables.items():
+        for var, variable in variables.items():
             value = to_numpy(variable)
-            if name == "bias" and layer.merged:
+            if var == "bias" and layer.merged:
                 value = to_numpy(layer.original_value("bias"))
-            tensors[f"{path}.{name}"] = np.ascontiguousarray(value)
+            tensors[f"{path}.{var}"] = np.ascontiguousarray(value)
         layer_configs[path] = _layer_config(
-            layer, variables, stable.get(id(layer))
+            layer,
+            {n: v.shape for n, v in variables.items()},
+            stable.get(id(layer)),
         )
+    return tensors, _file_config(model, layer_configs)
+
+
+def _bank_state(model, layers, name):
+    """`adapter_state` of a named adapter that is not active."""
+    tensors = {}
+    layer_configs = {}
+    stable = stable_path_of(model)
+    for path, layer in layers.items():
+        entry = layer.adapter_bank.entry(name)
+        for var, value in entry["values"].items():
+            tensors[f"{path}.{var}"] = np.ascontiguousarray(value)
+        config = _layer_config(
+            layer,
+            {n: v.shape for n, v in entry["values"].items()},
+            stable.get(id(layer)),
+        )
+        config["alpha"] = float(entry["alpha"])
+        config["use_rslora"] = bool(entry["use_rslora"])
+        layer_configs[path] = config
+    return tensors, _file_config(model, layer_configs)
+
+
+def _file_config(model, layer_configs):
     from keras_lora import __version__
 
     ranks = {c["rank"] for c in layer_configs.values()}
     alphas = {c["alpha"] for c in layer_configs.values()}
-    config = {
+    return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,
         "keras_lora_version": __version__,
         "keras_version": keras.__version__,
         "backend": keras.backend.backend(),
@@ -145,30 +182,67 @@ def adapter_state(model):
         "targets": list(layer_configs),
         "layers": layer_configs,
     }
-    return tensors, config
+
+
+def _select(available, adapters, where):
+    """The adapter names `adapters` selects from `available` (a list)."""
+    if adapters is None:
+        return list(available)
+    selected = [adapters] if isinstance(adapters, str) else adapters
+    if (
+        not isinstance(selected, list | tuple)
+        or not selected
+        or not all(isinstance(n, str) for n in selected)
+        or len(set(selected)) != len(selected)
+    ):
+        raise ValueError(
+            "`adapters` must be None (all), an adapter name or a list of "
+            f"distinct names. Received: adapters={adapters!r}"
+        )
+    unknown = [n for n in selected if n not in available]
+    if unknown:
+        raise ValueError(
+            f"No adapter named {unknown} in {where}. Received: "
+            f"adapters={adapters!r}; {where} has {list(available)}."
+        )
+    return list(selected)
 
 
 # -- Files --------------------------------------------------------------------
 
 
-def save_adapters(model: keras.Model, path: str | os.PathLike) -> dict:
+def save_adapters(
+    model: keras.Model,
+    path: str | os.PathLike,
+    adapters: str | list[str] | None = None,
+) -> dict:
     """Writes the model's adapters (only) to a safetensors file.
+
+    A model with named adapters (`keras_lora.multi.add_adapter`) has all of
+    them written by default, with their alpha and rsLoRA flags and which one
+    is active; `load_adapters` restores them under their own names.
 
     Args:
         model: a model holding keras_lora layers (from `apply_lora`, or
             built with LoRA layers).
         path: str or path-like, the file to write (conventionally ending in
             `.safetensors`); its directory must exist. Overwritten if present.
+        adapters: `None` (default) for every adapter of the model (a model
+            without named adapters has one, `"default"`), or an adapter name,
+            or a list of names: only those.
 
     Returns:
         The JSON config written into the file's metadata (a dict).
 
     Raises:
-        ValueError: no LoRA layers, an unbuilt layer, or a bad `path`.
+        ValueError: no LoRA layers, an unbuilt layer, a bad `path`, or
+            `adapters` names an adapter the model does not have.
 
     Example:
 
     >>> kl.save_adapters(model, "adapters.safetensors")  # doctest: +SKIP
+    >>> kl.save_adapters(model, "legal.safetensors", adapters="legal")
+    ... # doctest: +SKIP
     """
     from safetensors.numpy import save_file
 
@@ -177,9 +251,61 @@ def save_adapters(model: keras.Model, path: str | os.PathLike) -> dict:
         raise ValueError(
             f"`path` must be a file, not a directory. Received: path={path!r}"
         )
-    tensors, config = adapter_state(model)
+    layers = require_lora_layers(model, "save adapters")
+    banks = banks_of(layers)
+    available = [DEFAULT_ADAPTER] if banks is None else list(banks[0].adapters)
+    active = DEFAULT_ADAPTER if banks is None else banks[0].active
+    names = _select(available, adapters, "the model")
+    states = [(n, *adapter_state(model, n)) for n in names]
+    if len(states) == 1:
+        name, tensors, config = states[0]
+        config["adapter_name"] = name
+        config["active_adapter"] = name if name == active else None
+    else:
+        tensors = {}
+        for index, (_, adapter_tensors, _) in enumerate(states):
+            for key, value in adapter_tensors.items():
+                tensors[f"{index}:{key}"] = value
+        config = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "active_adapter": active if active in names else None,
+            "adapters": [{"name": n, "config": c} for n, _, c in states],
+        }
     save_file(tensors, path, metadata={CONFIG_KEY: json.dumps(config)})
     return config
+
+
+def split_adapters(tensors, config, path="the file"):
+    """The adapters a file holds: `({name: (tensors, config)}, active)`.
+
+    A one-adapter file (version 1) gives its `adapter_name` (files written
+    before names were stored: `"default"`); `active` is the name of the
+    adapter that was active when it was saved, or `None`.
+    """
+    if config.get("format_version", 1) < 2:
+        name = config.get("adapter_name", DEFAULT_ADAPTER)
+        return {name: (tensors, config)}, config.get("active_adapter", name)
+    entries = {}
+    for index, item in enumerate(config.get("adapters", [])):
+        prefix = f"{index}:"
+        entries[item["name"]] = (
+            {
+                k[len(prefix) :]: v
+                for k, v in tensors.items()
+                if k.startswith(prefix)
+            },
+            item["config"],
+        )
+    if not entries:
+        raise ValueError(f"{path!r} holds no adapter.")
+    return entries, config.get("active_adapter")
+
+
+def banks_of(layers):
+    """The layers' `AdapterBank`s, or `None` when they have one adapter."""
+    banks = [layer.adapter_bank for layer in layers.values()]
+    return None if any(b is None for b in banks) else banks
 
 
 def read_adapters(path):
@@ -353,18 +479,13 @@ def check_adapter_state(layers, tensors):
     return expected
 
 
-def assign_adapter_state(layers, tensors, layer_configs=None):
-    """Validates, then assigns; the model is unchanged if validation fails.
-
-    Args:
-        layers: `{path: lora_layer}`.
-        tensors: `{"<path>.<name>": array}`.
-        layer_configs: optional `{path: {"alpha", "use_rslora", "dropout"}}`
-            applied to the layers so their scaling matches the checkpoint.
+def validated_values(layers, tensors):
+    """`{key: (layer, variable name, np.ndarray)}` for checkpoint tensors
+    that fit the layers; raises before anything is changed.
 
     Raises:
         AdapterMismatchError: see `check_adapter_state`.
-        ValueError: if a layer is merged in place (unmerge first).
+        ValueError: a layer is merged in place, or a value is not finite.
     """
     expected = check_adapter_state(layers, tensors)
     merged = sorted(p for p, layer in layers.items() if layer.merged)
@@ -382,16 +503,37 @@ def assign_adapter_state(layers, tensors, layer_configs=None):
                 f"Checkpoint tensor {key!r} has non-finite values; nothing "
                 "was loaded."
             )
-        values[key] = (variable, value.astype(variable.dtype))
-    for variable, value in values.values():
-        variable.assign(value)
+        values[key] = (layer, name, value.astype(variable.dtype))
+    return values
+
+
+def assign_adapter_state(layers, tensors, layer_configs=None):
+    """Validates, then assigns; the model is unchanged if validation fails.
+
+    Args:
+        layers: `{path: lora_layer}`.
+        tensors: `{"<path>.<name>": array}`.
+        layer_configs: optional `{path: {"alpha", "use_rslora", "dropout"}}`
+            applied to the layers so their scaling matches the checkpoint.
+
+    Raises:
+        AdapterMismatchError: see `check_adapter_state`.
+        ValueError: if a layer is merged in place (unmerge first).
+    """
+    values = validated_values(layers, tensors)
+    for layer, name, value in values.values():
+        _layer_variables(layer)[name].assign(value)
     for path, config in (layer_configs or {}).items():
         layer = layers[path]
         layer.adapter_alpha = config.get("alpha", layer.adapter_alpha)
         layer.use_rslora = config.get("use_rslora", layer.use_rslora)
 
 
-def load_adapters(model: keras.Model, path: str | os.PathLike) -> keras.Model:
+def load_adapters(
+    model: keras.Model,
+    path: str | os.PathLike,
+    adapters: str | list[str] | None = None,
+) -> keras.Model:
     """Loads adapters saved by `save_adapters`, matched by layer path, or by
     stable path where the model's layer names are numbered differently.
 
@@ -402,9 +544,20 @@ def load_adapters(model: keras.Model, path: str | os.PathLike) -> keras.Model:
     before anything is assigned: a failed load leaves the model unchanged.
     Each layer's alpha and rsLoRA flag are set from the file.
 
+    Adapters load under their own names. A model with one adapter (no
+    `keras_lora.multi.add_adapter` called) gets exactly the adapters
+    loaded: a file saved from such a model replaces its adapter,
+    `"default"`. A model with named adapters gets each loaded adapter
+    added, or replaced where it has one of that name, and keeps its others.
+    The adapter that was active when the file was saved is active again if
+    it is loaded; otherwise a model with one adapter activates the first
+    loaded and a model with named adapters keeps its active one.
+
     Args:
         model: a `keras.Model`, adapted or plain, built.
         path: str or path-like, a file written by `save_adapters`.
+        adapters: `None` (default) for every adapter in the file, or a
+            name, or a list of names: only those.
 
     Returns:
         The model holding the loaded adapters: `model` itself when it
@@ -414,18 +567,69 @@ def load_adapters(model: keras.Model, path: str | os.PathLike) -> keras.Model:
         AdapterMismatchError (a ValueError): missing, unexpected or
             mis-shaped keys, all listed.
         FileNotFoundError: no file at `path`.
-        ValueError: not a keras_lora adapter file; a layer merged in place.
+        ValueError: not a keras_lora adapter file; a layer merged in place;
+            `adapters` names an adapter the file does not hold; several
+            adapters into a model that trains more than A and B.
 
     Example:
 
     >>> model = kl.load_adapters(model, "a.safetensors")  # doctest: +SKIP
     """
     tensors, config = read_adapters(path)
+    entries, file_active = split_adapters(tensors, config, os.fspath(path))
+    names = _select(list(entries), adapters, repr(os.fspath(path)))
     layers = lora_layers(model)
     if not layers:
-        model = _apply_stored_config(model, config)
+        first = file_active if file_active in names else names[0]
+        model = _apply_stored_config(model, entries[first][1])
         layers = lora_layers(model)
-    tensors, layer_configs = rekey_to_model(model, layers, tensors, config)
-    assign_adapter_state(layers, tensors, layer_configs)
-    reset_compiled_functions(model)
+    remember_models(model, layers)
+    before = traced_state(layers)
+    banks = banks_of(layers)
+    if banks is None and names == [DEFAULT_ADAPTER]:
+        adapter_tensors, adapter_config = entries[names[0]]
+        adapter_tensors, layer_configs = rekey_to_model(
+            model, layers, adapter_tensors, adapter_config
+        )
+        assign_adapter_state(layers, adapter_tensors, layer_configs)
+    else:
+        _load_named(model, layers, entries, names, file_active)
+    if traced_state(layers) != before:
+        # A changed alpha is traced into compiled functions; new A and B
+        # values are read at every call.
+        reset_compiled_functions(model, layers)
     return model
+
+
+def _load_named(model, layers, entries, names, file_active):
+    """Loads `names` of a file's adapters as named adapters of `model`."""
+    per_layer = {path: {} for path in layers}
+    for name in names:
+        adapter_tensors, adapter_config = entries[name]
+        adapter_tensors, layer_configs = rekey_to_model(
+            model, layers, adapter_tensors, adapter_config
+        )
+        values = validated_values(layers, adapter_tensors)
+        for path, layer in layers.items():
+            config = layer_configs.get(path, {})
+            per_layer[path][name] = {
+                "values": {
+                    var: values[f"{path}.{var}"][2]
+                    for var in layer.adapter_weights()
+                },
+                "alpha": float(config.get("alpha", layer.adapter_alpha)),
+                "use_rslora": bool(config.get("use_rslora", layer.use_rslora)),
+            }
+    had_banks = banks_of(layers) is not None
+    if not had_banks:
+        named_layers(model, create=True)
+    active = file_active if file_active in names else None
+    for path, layer in layers.items():
+        bank = layer.adapter_bank
+        if not had_banks:
+            bank.replace_all(per_layer[path], active or names[0])
+            continue
+        for name, entry in per_layer[path].items():
+            bank.store(name, entry)
+        if active is not None and bank.active != active:
+            bank.activate(active)

@@ -27,6 +27,8 @@ from keras_lora.layers.config import LoRAConfig
 from keras_lora.layers.einsum_dense import factor_equation
 from keras_lora.saving import attach_plan
 from keras_lora.walk import iter_layers
+from keras_lora.walk import lora_layers
+from keras_lora.walk import remember_models
 from keras_lora.walk import reset_compiled_functions
 from keras_lora.walk import stable_layer_paths
 from keras_lora.walk import stable_path_of
@@ -276,6 +278,52 @@ def _select(layers, stable, targets, exclude):
     return dict(selected)
 
 
+def own_trained_variables(model, walked, kept_layers):
+    """Gives the clone its own copies of what it trains besides adapters.
+
+    The clone shares `model`'s variables; frozen ones stay shared (no copy),
+    but the weights (and statistics) of `trainable_layers` and the biases
+    of `train_bias=True` layers change in `fit`, and `model` must keep its
+    outputs. These are copied into new variables of the clone's layers.
+
+    Args:
+        model: the model given to `apply_lora`.
+        walked: `[(path, layer)]` of the clone.
+        kept_layers: ids of the clone's `trainable_layers` matches.
+    """
+    shared = {id(v) for v in model.weights}
+    trained = set()
+    for _, layer in walked:
+        if id(layer) in kept_layers:
+            trained.update(id(v) for v in layer.weights)
+        elif isinstance(layer, LoRALayer) and layer.train_bias:
+            bias = layer.base_weights().get("bias")
+            if bias is not None:
+                trained.add(id(bias))
+    trained &= shared
+    if not trained:
+        return
+    for path, layer in walked:
+        own = [
+            v for v in _keras_private.own_variables(layer) if id(v) in trained
+        ]
+        if not own:
+            continue
+        parent = path.rpartition("/")[0] or None
+        mapping = {}
+        with keras.name_scope(layer.name, caller=layer, override_parent=parent):
+            for variable in own:
+                mapping[id(variable)] = keras.Variable(
+                    initializer=keras.ops.copy(variable.value),
+                    dtype=variable.dtype,
+                    trainable=variable.trainable,
+                    aggregation=variable.aggregation,
+                    synchronization=variable.synchronization,
+                    name=variable.name,
+                )
+        _keras_private.replace_variables(layer, mapping)
+
+
 def apply_lora(
     model: keras.Model,
     rank: int = 8,
@@ -443,11 +491,17 @@ def apply_lora(
             for path, layer in walked
             if any(_matches(k, path, layer) for k in keep)
         }
+    if not inplace:
+        own_trained_variables(model, walked, kept_layers)
     freeze_base(target, kept_layers, layers=[lay for _, lay in walked])
+    for _, layer in walked:
+        if isinstance(layer, LoRALayer):
+            layer.base_shared = not inplace
     attach_plan(target)
     for _, layer in walked:
         _keras_private.refresh_torch_params(layer)
     _keras_private.refresh_torch_params(target)
+    remember_models(target, lora_layers(target))
     if inplace:
         # Functions traced before the conversion compute without adapters.
         reset_compiled_functions(target)

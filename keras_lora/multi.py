@@ -30,7 +30,7 @@ and applied with batched einsums:
 """
 
 import contextlib
-import contextvars
+import os
 
 import keras
 import numpy as np
@@ -38,140 +38,22 @@ from keras import ops
 
 from keras_lora.adapters import adapter_state
 from keras_lora.adapters import check_adapter_state
-from keras_lora.adapters import lora_layers
 from keras_lora.adapters import read_adapters
 from keras_lora.adapters import rekey_to_model
+from keras_lora.adapters import split_adapters
+from keras_lora.banks import DEFAULT_ADAPTER
+from keras_lora.banks import MIXED
+from keras_lora.banks import AdapterBank  # noqa: F401
+from keras_lora.banks import model_banks
+from keras_lora.banks import named_layers
+from keras_lora.banks import restore_adapters
+from keras_lora.banks import snapshot_adapters
+from keras_lora.banks import zero_b
 from keras_lora.layers.config import lora_scaling
-from keras_lora.walk import require_lora_layers
+from keras_lora.walk import lora_layers
 from keras_lora.walk import reset_compiled_functions
 from keras_lora.walk import to_numpy
-
-#: The name given to the adapter a model already holds when a second one is
-#: added (PEFT's name for it, too).
-DEFAULT_ADAPTER = "default"
-
-# (model id, adapter ids tensor) while a mixed batch runs.
-_MIXED = contextvars.ContextVar("keras_lora_mixed_batch", default=None)
-
-
-class AdapterBank:
-    """The named adapters of one keras_lora layer.
-
-    Attributes:
-        layer: the LoRA layer.
-        owner: id of the model the bank was created for.
-        adapters: `{name: {"values": {var: np.ndarray}, "alpha": float,
-            "use_rslora": bool}}`, in insertion order (the index order of
-            mixed batches). The active adapter's values are read from the
-            layer's variables, not from here.
-        active: the name of the adapter the variables hold.
-    """
-
-    def __init__(self, layer, owner):
-        self.layer = layer
-        self.owner = owner
-        self.active = DEFAULT_ADAPTER
-        self.adapters = {DEFAULT_ADAPTER: self._snapshot()}
-
-    def _snapshot(self):
-        layer = self.layer
-        return {
-            "values": {
-                n: to_numpy(v, "float32")
-                for n, v in layer.adapter_weights().items()
-            },
-            "alpha": float(layer.adapter_alpha),
-            "use_rslora": bool(layer.use_rslora),
-        }
-
-    def sync(self):
-        """Copies the active adapter's current values into the bank."""
-        self.adapters[self.active] = self._snapshot()
-
-    def activate(self, name):
-        self.sync()
-        entry = self.adapters[name]
-        for var_name, variable in self.layer.adapter_weights().items():
-            variable.assign(entry["values"][var_name])
-        self.layer.adapter_alpha = entry["alpha"]
-        self.layer.use_rslora = entry["use_rslora"]
-        self.active = name
-
-    # -- Mixed batches --------------------------------------------------------
-
-    def _stacked(self, a_name, b_name):
-        """A (n, *a_shape) and s_k * B (n, *b_shape) in the compute dtype."""
-        layer = self.layer
-        dtype = layer.compute_dtype
-        stacks_a, stacks_b = [], []
-        for name, entry in self.adapters.items():
-            if name == self.active:
-                a = getattr(layer, a_name)
-                b = ops.multiply(getattr(layer, b_name), layer.scaling)
-            else:
-                s = lora_scaling(
-                    layer.adapter_rank, entry["alpha"], entry["use_rslora"]
-                )
-                a = entry["values"][a_name]
-                b = entry["values"][b_name] * np.float32(s)
-            stacks_a.append(ops.cast(a, dtype))
-            stacks_b.append(ops.cast(b, dtype))
-        return ops.stack(stacks_a), ops.stack(stacks_b)
-
-    def mixed_delta(self, layer, inputs, training, reverse=False):
-        """Per-example update inside `mixed_batch`; `None` outside it."""
-        state = _MIXED.get()
-        if state is None or state[0] != self.owner:
-            return None
-        if layer.merged:
-            raise ValueError(
-                f"Layer '{layer.name}' is merged in place; unmerge it before "
-                "running a mixed batch."
-            )
-        ids = state[1]
-        if reverse:
-            a, b = self._stacked(*layer.reverse_pair())
-            return layer.reverse_branch(inputs, a, b, training, adapter_ids=ids)
-        a, b = self._stacked("lora_a", "lora_b")
-        return layer.branch(inputs, a, b, training, adapter_ids=ids)
-
-
-# -- Model-level API ----------------------------------------------------------
-
-
-def _layers(model, create=False):
-    layers = require_lora_layers(model, "use named adapters")
-    banks = [layer.adapter_bank for layer in layers.values()]
-    if any(b is not None and b.owner != id(model) for b in banks):
-        raise ValueError(
-            "The named adapters of these layers were added through another "
-            "model object (e.g. the keras-hub task around this backbone); "
-            "use that model. Received: model="
-            f"{getattr(model, 'name', model)!r}"
-        )
-    if create and any(b is None for b in banks):
-        for path, layer in layers.items():
-            if getattr(layer, "train_bias", False):
-                raise ValueError(
-                    f"Layer '{path}' trains its bias (`train_bias=True`); "
-                    "named adapters share the base weights, so only A and "
-                    "B can differ between adapters."
-                )
-            if not layer.built:
-                raise ValueError(
-                    f"Layer '{path}' is not built; call the model once."
-                )
-        for layer in layers.values():
-            layer.adapter_bank = AdapterBank(layer, id(model))
-    return layers
-
-
-def _banks(model):
-    layers = _layers(model)
-    banks = [layer.adapter_bank for layer in layers.values()]
-    if any(b is None for b in banks):
-        return None
-    return banks
+from keras_lora.walk import traced_state
 
 
 def list_adapters(model):
@@ -179,7 +61,7 @@ def list_adapters(model):
 
     A model that never had `add_adapter` called has one: `"default"`.
     """
-    banks = _banks(model)
+    banks = model_banks(model)
     if banks is None:
         return [DEFAULT_ADAPTER]
     return list(banks[0].adapters)
@@ -187,7 +69,7 @@ def list_adapters(model):
 
 def active_adapter(model):
     """The name of the adapter the model computes with."""
-    banks = _banks(model)
+    banks = model_banks(model)
     return DEFAULT_ADAPTER if banks is None else banks[0].active
 
 
@@ -219,6 +101,7 @@ def add_adapter(model, name, weights=None):
             starts as the base model); or a path to a `save_adapters` file
             (its alpha and rsLoRA flag come along); or `{key: array}` with
             keys `"<layer path>.lora_a"` etc. as `save_adapters` writes.
+            A file holding several adapters gives the one named `name`.
 
     Raises:
         ValueError: `name` empty or already used; `weights` keys or shapes
@@ -231,7 +114,7 @@ def add_adapter(model, name, weights=None):
     >>> kl.multi.set_active_adapter(model, "french")  # doctest: +SKIP
     """
     _check_name(name)
-    layers = _layers(model, create=True)
+    layers = named_layers(model, create=True)
     if name in list_adapters(model):
         raise ValueError(
             f"An adapter named {name!r} already exists. Received: "
@@ -252,6 +135,17 @@ def add_adapter(model, name, weights=None):
         tensors = {k: np.asarray(v, "float32") for k, v in weights.items()}
     else:
         tensors, config = read_adapters(weights)
+        entries, _ = split_adapters(tensors, config, os.fspath(weights))
+        if len(entries) > 1 and name not in entries:
+            raise ValueError(
+                f"{os.fspath(weights)!r} holds the adapters {list(entries)};"
+                f" `add_adapter` takes the one named as `name`. Received: "
+                f"name={name!r}. To load several, use "
+                "`keras_lora.load_adapters(model, path, adapters=[...])`."
+            )
+        tensors, config = (
+            entries[name] if len(entries) > 1 else next(iter(entries.values()))
+        )
         # Re-keyed by stable path for a model whose names Keras renumbered.
         tensors, configs = rekey_to_model(model, layers, tensors, config)
     check_adapter_state(layers, tensors)
@@ -278,19 +172,26 @@ def set_active_adapter(model, name):
 
     The current adapter's values (trained or not) are kept in its bank
     entry; `name`'s values are assigned to the layers' variables and its
-    alpha set on the layers. Compiled `predict`/`fit` functions are reset.
+    alpha set on the layers. Compiled `predict`/`fit`/`generate` functions
+    keep running (they read the variables at every call, no retrace); they
+    are reset only where the new adapter's scaling differs.
 
     Raises:
         ValueError: no adapter named `name`.
     """
     _check_name(name)
     _require(model, name)
-    banks = _banks(model)
+    banks = model_banks(model)
     if banks is None:
         return
+    layers = lora_layers(model)
+    before = traced_state(layers)
     for bank in banks:
         bank.activate(name)
-    reset_compiled_functions(model)
+    if traced_state(layers) != before:
+        # Only a different alpha (or rsLoRA flag) is traced; A and B are
+        # variables, read at every call.
+        reset_compiled_functions(model, layers)
 
 
 def delete_adapter(model, name):
@@ -306,7 +207,7 @@ def delete_adapter(model, name):
             f"Cannot delete the active adapter. Received: name={name!r}; "
             "activate another one first (`set_active_adapter`)."
         )
-    for bank in _banks(model):
+    for bank in model_banks(model):
         del bank.adapters[name]
 
 
@@ -314,7 +215,7 @@ def adapter_tensors(model, name):
     """`{"<path>.<var>": np.ndarray}` of a named adapter (a copy)."""
     _require(model, name)
     layers = lora_layers(model)
-    banks = _banks(model)
+    banks = model_banks(model)
     if banks is None or name == active_adapter(model):
         return adapter_state(model)[0]
     return {
@@ -328,33 +229,43 @@ def adapter_tensors(model, name):
 def disable_adapters(model):
     """Context manager in which `model` computes as its base model.
 
-    Every B factor is set to zero inside and restored bit for bit on exit,
-    so compiled functions (`predict`, `jax.jit`) see the change without a
-    retrace. A trained bias (`train_bias=True`) stays as trained.
+    Every B factor is zero inside, so compiled functions (`predict`,
+    `jax.jit`) see the change without a retrace. Adapters switched to inside
+    stay disabled. On exit, however the block ends (an exception, nested
+    blocks), the adapter state is restored exactly as it was found: the same
+    adapters with the same values and alphas, the same one active; what was
+    done to adapters inside (training, switching, adding, deleting) is
+    undone. A trained bias (`train_bias=True`) is not an adapter and keeps
+    what it learned.
+
+    Raises:
+        ValueError: a layer is merged in place.
 
     Example:
 
     >>> with kl.multi.disable_adapters(model):  # doctest: +SKIP
     ...     base_outputs = model(x)
     """
-    layers = _layers(model)
-    saved = []
+    layers = named_layers(model)
     for layer in layers.values():
         if layer.merged:
             raise ValueError(
                 f"Layer '{layer.name}' is merged in place; unmerge it first."
             )
+    saved = [(layer, snapshot_adapters(layer)) for layer in layers.values()]
     for layer in layers.values():
-        for _, b_name, _, _ in layer.lora_shapes():
-            variable = getattr(layer, b_name)
-            saved.append((variable, ops.copy(variable.value)))
+        layer.adapters_disabled += 1
+        zero_b(layer)
     try:
-        for variable, _ in saved:
-            variable.assign(ops.zeros(variable.shape, variable.dtype))
         yield model
     finally:
-        for variable, value in saved:
-            variable.assign(value)
+        before = traced_state(layers)
+        for layer, snapshot in saved:
+            layer.adapters_disabled -= 1
+            restore_adapters(layer, snapshot)
+        if traced_state(layers) != before:
+            # An adapter of another alpha was switched to inside.
+            reset_compiled_functions(model, layers)
 
 
 def combine_adapters(model, weights, name):
@@ -388,10 +299,10 @@ def combine_adapters(model, weights, name):
                 f"Weights must be non-negative numbers. Received: "
                 f"weights[{key!r}]={w!r}"
             )
-    layers = _layers(model, create=True)
+    layers = named_layers(model, create=True)
     if name in list_adapters(model):
         raise ValueError(f"An adapter named {name!r} already exists.")
-    for bank in _banks(model):
+    for bank in model_banks(model):
         bank.sync()
     tensors = {}
     for path, layer in layers.items():
@@ -428,8 +339,12 @@ def mixed_batch(model, adapter_ids):
             `adapter_ids` is not a rank-1 integer tensor, or (given as a
             NumPy array or list) an id is out of range.
     """
-    layers = _layers(model, create=True)
-    del layers
+    layers = named_layers(model, create=True)
+    if any(layer.adapters_disabled for layer in layers.values()):
+        raise ValueError(
+            "Cannot run a mixed batch inside `disable_adapters`: the "
+            "disabled model has no adapter to choose."
+        )
     ids = ops.convert_to_tensor(adapter_ids)
     if len(ids.shape) != 1 or "int" not in str(ids.dtype):
         raise ValueError(
@@ -449,11 +364,11 @@ def mixed_batch(model, adapter_ids):
                 f"{names} (0 to {count - 1}). Received: "
                 f"adapter_ids={values.tolist()}"
             )
-    token = _MIXED.set((id(model), ops.cast(ids, "int32")))
+    token = MIXED.set((id(model), ops.cast(ids, "int32")))
     try:
         yield model
     finally:
-        _MIXED.reset(token)
+        MIXED.reset(token)
 
 
 def mixed_batch_call(model, inputs, adapter_ids, **kwargs):
@@ -516,8 +431,8 @@ def export_mixed_saved_model(model, path, input_signature):
         )
     import tensorflow as tf
 
-    _layers(model, create=True)
-    for bank in _banks(model):
+    named_layers(model, create=True)
+    for bank in model_banks(model):
         bank.sync()
     ids_spec = tf.TensorSpec([None], tf.int32, name="adapter_ids")
 

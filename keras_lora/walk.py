@@ -11,6 +11,7 @@ sits where its `Dense` sat), so a model and its adapted clone agree.
 """
 
 import collections.abc
+import weakref
 
 import keras
 import numpy as np
@@ -106,7 +107,9 @@ def require_lora_layers(model, what, include_self=False):
     layers = lora_layers(model)
     if include_self and isinstance(model, LoRALayer):
         layers = {"": model, **layers}
-    if not layers:
+    if layers:
+        remember_models(model, layers)
+    else:
         raise ValueError(
             f"Cannot {what}: `model` has no keras_lora layers (apply LoRA "
             "first with `keras_lora.apply_lora`; or was it already merged "
@@ -116,21 +119,57 @@ def require_lora_layers(model, what, include_self=False):
     return layers
 
 
-def reset_compiled_functions(model):
-    """Drops a model's compiled `fit`/`evaluate`/`predict` functions and a
-    keras-hub task's `generate_function`.
+# For each keras_lora layer, the models keras_lora was given or returned
+# that hold it (a keras-hub task and its backbone, say): a change made
+# through one of them must reset the compiled functions of all of them.
+_MODELS = weakref.WeakKeyDictionary()
 
-    A layer's scaling, active adapter or merged state is Python state traced
-    into them; after it changes they must be traced again.
+
+def remember_models(model, layers):
+    """Records that `model` holds `layers` (`{path: lora_layer}`)."""
+    if not isinstance(model, keras.Model):
+        return
+    for layer in layers.values():
+        _MODELS.setdefault(layer, weakref.WeakSet()).add(model)
+
+
+def traced_state(layers):
+    """The Python state of `layers` that compiled functions capture:
+    each layer's scaling and merged flag (values held in variables, such as
+    A and B, are read at every call and need no retrace)."""
+    return tuple((layer.scaling, layer.merged) for layer in layers.values())
+
+
+def reset_compiled_functions(model, layers=None):
+    """Drops the compiled `fit`/`evaluate`/`predict` functions and a
+    keras-hub task's `generate_function` of `model`, of every model nested
+    in it, and of every model known to hold its keras_lora layers.
+
+    A layer's scaling and merged state are Python values traced into those
+    functions; after they change the functions must be traced again.
+
+    Args:
+        model: the model (or layer) a change was made through.
+        layers: `{path: lora_layer}` changed; default: all of `model`'s.
     """
-    for attribute in (
-        "train_function",
-        "test_function",
-        "predict_function",
-        "generate_function",
-    ):
-        if getattr(model, attribute, None) is not None:
-            setattr(model, attribute, None)
+    if layers is None:
+        layers = lora_layers(model)
+    models = {id(model): model}
+    for _, sub in iter_layers(model):
+        if isinstance(sub, keras.Model):
+            models[id(sub)] = sub
+    for layer in layers.values():
+        for owner in list(_MODELS.get(layer, ())):
+            models[id(owner)] = owner
+    for target in models.values():
+        for attribute in (
+            "train_function",
+            "test_function",
+            "predict_function",
+            "generate_function",
+        ):
+            if getattr(target, attribute, None) is not None:
+                setattr(target, attribute, None)
 
 
 def to_numpy(structure, dtype=None):

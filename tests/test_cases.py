@@ -64,7 +64,9 @@ def test_c17_merge_refuses_non_finite_weights(bad):
     overflows float16), then B = NaN: `merge` and `merge_adapters` raise,
     naming the layer path, and change nothing (not even the layer whose
     merge would have been finite)."""
-    lora = kl.apply_lora(_float16_two_layers(), rank=2, targets=["fine", "d"])
+    lora = kl.apply_lora(
+        _float16_two_layers(), rank=2, targets=["fine", "d"], inplace=True
+    )
     layer = kl.lora_layers(lora)["d"]
     layer.lora_a.assign(np.full(layer.lora_a.shape, 300.0, "float32"))
     layer.lora_b.assign(np.full(layer.lora_b.shape, bad, "float32"))

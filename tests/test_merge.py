@@ -119,7 +119,7 @@ def test_merge_adapters_in_place_round_trip_is_bit_exact(rng):
     """C10 at model level: merge then unmerge restores the kernel exactly."""
     model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16)])
     model.layers[0].kernel.assign(rng.normal(size=(16, 16)) * 1e4)
-    lora = kl.apply_lora(model, rank=4)
+    lora = kl.apply_lora(model, rank=4, inplace=True)
     randomize_adapters(lora, scale=3.0)
     layer = lora.layers[0]
     original = to_numpy(layer.kernel).copy()

@@ -422,3 +422,155 @@ def test_adapter_file_adds_to_a_rebuilt_model_and_bad_ids_are_refused(
     x = np.random.default_rng(6).normal(size=(3, 4)).astype("float32")
     with pytest.raises(ValueError, match=r"`adapter_ids`.*Received.*\[0, 2\]"):
         multi.mixed_batch_call(second, x[:2], np.array([0, 2]))
+
+
+def _c18_model(seed=0):
+    """C18's base: Dense(8 -> 4), same base weights for every seed."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8,))
+    return keras.Model(inputs, keras.layers.Dense(4, name="dense")(inputs))
+
+
+def _c18_adapted(tmp_path):
+    """Rank 2, adapters "default", "legal", "medical" (different B and
+    alpha), "legal" active."""
+    model = keras_lora.apply_lora(_c18_model(), rank=2, targets=["dense"])
+    rng = np.random.default_rng(0)
+    layer = keras_lora.lora_layers(model)["dense"]
+    layer.lora_b.assign(rng.normal(size=(2, 4)).astype("float32"))
+    for name, alpha in (("legal", 4.0), ("medical", 1.0)):
+        other = keras_lora.apply_lora(
+            _c18_model(), rank=2, alpha=alpha, targets=["dense"]
+        )
+        for variable in (
+            keras_lora.lora_layers(other)["dense"].adapter_weights().values()
+        ):
+            variable.assign(rng.normal(size=variable.shape).astype("float32"))
+        keras_lora.save_adapters(other, tmp_path / f"{name}.safetensors")
+        multi.add_adapter(model, name, tmp_path / f"{name}.safetensors")
+    multi.set_active_adapter(model, "legal")
+    return model
+
+
+def _outputs_per_adapter(model, x):
+    active = multi.active_adapter(model)
+    outputs = {}
+    for name in multi.list_adapters(model):
+        multi.set_active_adapter(model, name)
+        outputs[name] = to_numpy(model(x))
+    multi.set_active_adapter(model, active)
+    return outputs
+
+
+def test_c18_every_named_adapter_saves_and_reloads_under_its_name(tmp_path):
+    """C18: save_adapters writes every named adapter (values, alpha, which
+    is active); load_adapters into a fresh base restores all of them under
+    their names, "legal" active, each giving the original's outputs."""
+    model = _c18_adapted(tmp_path)
+    x = np.random.default_rng(1).normal(size=(3, 8)).astype("float32")
+    expected = _outputs_per_adapter(model, x)
+    assert len({v.tobytes() for v in expected.values()}) == 3
+    config = keras_lora.save_adapters(model, tmp_path / "all.safetensors")
+    assert [a["name"] for a in config["adapters"]] == [
+        "default",
+        "legal",
+        "medical",
+    ]
+    loaded = keras_lora.load_adapters(
+        _c18_model(), tmp_path / "all.safetensors"
+    )
+    assert multi.list_adapters(loaded) == ["default", "legal", "medical"]
+    assert multi.active_adapter(loaded) == "legal"
+    assert_exact(to_numpy(loaded(x)), expected["legal"])
+    layer = keras_lora.lora_layers(loaded)["dense"]
+    alphas = {}
+    for name, output in _outputs_per_adapter(loaded, x).items():
+        assert_exact(output, expected[name])
+        multi.set_active_adapter(loaded, name)
+        alphas[name] = layer.adapter_alpha
+    assert alphas == {"default": 2.0, "legal": 4.0, "medical": 1.0}
+    for name in expected:
+        for key, value in multi.adapter_tensors(model, name).items():
+            assert_exact(multi.adapter_tensors(loaded, name)[key], value)
+
+
+def test_c18_one_adapter_by_name(tmp_path):
+    """C18: one named adapter saved alone (or picked from a file of all)
+    reloads under its own name; a model with named adapters keeps its
+    others and its active one."""
+    model = _c18_adapted(tmp_path)
+    x = np.random.default_rng(1).normal(size=(3, 8)).astype("float32")
+    expected = _outputs_per_adapter(model, x)
+    keras_lora.save_adapters(model, tmp_path / "med.safetensors", "medical")
+    keras_lora.save_adapters(model, tmp_path / "all.safetensors")
+    for path, kwargs in (
+        ("med.safetensors", {}),
+        ("all.safetensors", {"adapters": "medical"}),
+    ):
+        fresh = keras_lora.load_adapters(
+            _c18_model(), tmp_path / path, **kwargs
+        )
+        assert multi.list_adapters(fresh) == ["medical"]
+        assert multi.active_adapter(fresh) == "medical"
+        assert_exact(to_numpy(fresh(x)), expected["medical"])
+    # Into a model with named adapters: "medical" replaced, others kept.
+    target = _c18_adapted(tmp_path)
+    multi.add_adapter(target, "extra")
+    layer = keras_lora.lora_layers(target)["dense"]
+    before = to_numpy(layer.lora_b)
+    keras_lora.load_adapters(
+        target, tmp_path / "all.safetensors", adapters=["medical", "default"]
+    )
+    assert multi.list_adapters(target) == [
+        "default",
+        "legal",
+        "medical",
+        "extra",
+    ]
+    assert multi.active_adapter(target) == "legal"
+    assert_exact(to_numpy(layer.lora_b), before)
+    # add_adapter takes the adapter of its own name from a file of several.
+    multi.add_adapter(target, "medical_2", tmp_path / "med.safetensors")
+    with pytest.raises(ValueError, match=r"holds the adapters .*name='x'"):
+        multi.add_adapter(target, "x", tmp_path / "all.safetensors")
+    multi.delete_adapter(target, "medical")
+    multi.add_adapter(target, "medical", tmp_path / "all.safetensors")
+    for name in ("medical", "medical_2"):
+        multi.set_active_adapter(target, name)
+        assert_exact(to_numpy(target(x)), expected["medical"])
+
+
+def test_c18_bad_adapter_names_are_refused_before_anything(tmp_path):
+    """C18: naming an adapter the model (or file) lacks is a ValueError
+    naming `adapters`; no file is written, the model is unchanged."""
+    model = _c18_adapted(tmp_path)
+    with pytest.raises(ValueError, match=r"adapters='nope'.*'legal'"):
+        keras_lora.save_adapters(model, tmp_path / "x.safetensors", "nope")
+    assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(ValueError, match=r"adapters=\[\]"):
+        keras_lora.save_adapters(model, tmp_path / "x.safetensors", [])
+    keras_lora.save_adapters(model, tmp_path / "all.safetensors")
+    target = _c18_adapted(tmp_path)
+    before = {n: multi.adapter_tensors(target, n) for n in ("legal", "medical")}
+    with pytest.raises(ValueError, match=r"adapters=\['legal', 'nope'\]"):
+        keras_lora.load_adapters(
+            target, tmp_path / "all.safetensors", adapters=["legal", "nope"]
+        )
+    for name, tensors in before.items():
+        for key, value in tensors.items():
+            assert_exact(multi.adapter_tensors(target, name)[key], value)
+
+
+def test_c18_named_adapters_refuse_other_trainable_state(tmp_path):
+    """Several adapters into a model that trains a head: refused, naming the
+    shared variables (every adapter would train the same head)."""
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(4, name="dense")(inputs)
+    plain = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+    model = keras_lora.apply_lora(
+        plain, rank=2, targets=["dense"], trainable_layers=["head"]
+    )
+    with pytest.raises(ValueError, match=r"also trains \['head/kernel'"):
+        multi.add_adapter(model, "b")
+    assert multi.list_adapters(model) == ["default"]
+    assert model.get_layer("dense").adapter_bank is None

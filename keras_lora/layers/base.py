@@ -276,6 +276,14 @@ class LoRALayer:
     #: Set by `keras_lora.multi`: the layer's bank of named adapters.
     adapter_bank = None
 
+    #: How many `keras_lora.multi.disable_adapters` blocks are open on the
+    #: layer (B is zero while any is, whichever adapter is active).
+    adapters_disabled = 0
+
+    #: Set by `apply_lora` on the layers of a clone: the base variables are
+    #: also the given model's, so they are never written.
+    base_shared = False
+
     def mixed_adapter_delta(self, inputs, training=None, reverse=False):
         """The per-example adapter update inside `keras_lora.multi.mixed_batch`,
         else `None` (then `call` takes the single-adapter path unchanged)."""
@@ -408,11 +416,15 @@ class LoRALayer:
         """Folds the adapter into the base weights in place (as PEFT does).
 
         The original base values are kept, so `unmerge_adapter()` restores
-        them bit for bit. While merged, `call` skips the LoRA branch. The
-        base variables may be shared with the model `apply_lora` was given:
-        that model sees the merged weights too until `unmerge_adapter()`.
+        them bit for bit. While merged, `call` skips the LoRA branch.
         Compiled functions (`model.predict`) must be re-made after this
         call: `keras_lora.merge_adapters(model)` does that for a model.
+
+        Raises:
+            ValueError: already merged; or the layer is in a model that
+                `apply_lora` cloned (its base weights are the given model's
+                too, which must keep its outputs: use `keras_lora.merge`,
+                or `apply_lora(..., inplace=True)`).
         """
         self._check_built("merge_adapter")
         if self.merged:
@@ -422,6 +434,13 @@ class LoRALayer:
     def assign_merged(self, values):
         """Writes precomputed `merged_values()` into the base weights, keeping
         the originals (the second half of `merge_adapter`)."""
+        if self.base_shared:
+            raise ValueError(
+                f"Layer '{self.name}' shares its base weights with the model "
+                "given to `apply_lora`; merging in place would change that "
+                "model's outputs. Use `keras_lora.merge(model)` (a new merged "
+                "model) or `apply_lora(..., inplace=True)`."
+            )
         base = self.base_weights()
         self._unmerged_values = {n: ops.copy(base[n].value) for n in values}
         for name, value in values.items():
