@@ -198,6 +198,8 @@ def named_layers(model, create=False):
         check_only_adapters_train(model, layers)
         for layer in layers.values():
             layer.adapter_bank = AdapterBank(layer, id(model))
+    elif create:
+        check_only_adapters_train(model, layers)
     return layers
 
 

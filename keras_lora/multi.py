@@ -44,6 +44,7 @@ from keras_lora.adapters import split_adapters
 from keras_lora.banks import DEFAULT_ADAPTER
 from keras_lora.banks import MIXED
 from keras_lora.banks import AdapterBank  # noqa: F401
+from keras_lora.banks import check_only_adapters_train
 from keras_lora.banks import model_banks
 from keras_lora.banks import named_layers
 from keras_lora.banks import restore_adapters
@@ -185,6 +186,7 @@ def set_active_adapter(model, name):
     if banks is None:
         return
     layers = lora_layers(model)
+    check_only_adapters_train(model, layers)
     before = traced_state(layers)
     for bank in banks:
         bank.activate(name)

@@ -292,3 +292,22 @@ def test_trained_head_and_bias_are_the_clones_own(tmp_path):
     assert_exact(to_numpy(original(x)), before)
     # The frozen kernel is still shared, not copied.
     assert model.get_layer("dense").kernel is original.get_layer("dense").kernel
+
+
+def test_a_head_made_trainable_after_adding_adapters_is_refused():
+    """Rule 2 also holds when something is unfrozen after the adapters were
+    added: switching and mixed batches refuse, naming it."""
+    model = kl.apply_lora(base_model(), rank=RANK, targets=["dense"])
+    multi.add_adapter(model, "b")
+    model.get_layer("out").trainable = True
+    for operation in (
+        lambda: multi.set_active_adapter(model, "b"),
+        lambda: multi.add_adapter(model, "c"),
+        lambda: multi.mixed_batch_call(
+            model, np.ones((2, 8), "float32"), np.array([0, 1], "int32")
+        ),
+    ):
+        with pytest.raises(ValueError, match=r"also trains \['out/kernel'"):
+            operation()
+    assert multi.list_adapters(model) == ["default", "b"]
+    assert multi.active_adapter(model) == "default"

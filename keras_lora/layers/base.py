@@ -163,6 +163,17 @@ class LoRALayer:
             )
 
     @property
+    def weights(self):
+        """The base weights first, in Keras's order (`kernel`, `bias`, ...),
+        then the adapters: `get_weights()[0]` is the kernel however the
+        layer was made (constructor, `from_layer`, `apply_lora`)."""
+        weights = keras.layers.Layer.weights.fget(self)
+        rank = {name: i for i, name in enumerate(BASE_WEIGHT_NAMES)}
+        return sorted(
+            weights, key=lambda w: rank.get(w.name, len(BASE_WEIGHT_NAMES))
+        )
+
+    @property
     def scaling(self):
         """The factor `s` in `W + s * A @ B`."""
         return lora_scaling(
@@ -263,6 +274,13 @@ class LoRALayer:
         """Dropout on the LoRA branch input; identity unless training."""
         if self.dropout_seed is None or not training:
             return inputs
+        if getattr(inputs, "sparse", False) or type(inputs).__name__ in (
+            "SparseTensor",
+            "BCOO",
+        ):
+            # Dropout needs a dense tensor (TensorFlow and JAX refuse a
+            # sparse one); the branch then multiplies a dense input.
+            inputs = ops.convert_to_tensor(inputs, sparse=False)
         return keras.random.dropout(
             inputs,
             self.adapter_dropout,
