@@ -32,10 +32,10 @@ import numpy as np
 from keras_lora.apply import apply_lora
 from keras_lora.banks import DEFAULT_ADAPTER
 from keras_lora.banks import named_layers
+from keras_lora.banks import zero_b
 from keras_lora.saving import base_class_of
 from keras_lora.walk import iter_layers
 from keras_lora.walk import lora_layers
-from keras_lora.walk import remember_models
 from keras_lora.walk import require_lora_layers
 from keras_lora.walk import reset_compiled_functions
 from keras_lora.walk import stable_path_of
@@ -114,6 +114,12 @@ def adapter_state(model, name=None):
             first) or not built.
     """
     layers = require_lora_layers(model, "save adapters")
+    disabled = sorted(p for p, lay in layers.items() if lay.adapters_disabled)
+    if disabled:
+        raise ValueError(
+            "Cannot save adapters inside `keras_lora.multi.disable_adapters` "
+            f"(B is zero there in {disabled}); save after the block."
+        )
     banks = banks_of(layers)
     if banks is not None and name is not None and name != banks[0].active:
         return _bank_state(model, layers, name)
@@ -253,9 +259,8 @@ def save_adapters(
         )
     layers = require_lora_layers(model, "save adapters")
     banks = banks_of(layers)
-    available = [DEFAULT_ADAPTER] if banks is None else list(banks[0].adapters)
     active = DEFAULT_ADAPTER if banks is None else banks[0].active
-    names = _select(available, adapters, "the model")
+    names = adapter_names(layers, adapters)
     states = [(n, *adapter_state(model, n)) for n in names]
     if len(states) == 1:
         name, tensors, config = states[0]
@@ -300,6 +305,14 @@ def split_adapters(tensors, config, path="the file"):
     if not entries:
         raise ValueError(f"{path!r} holds no adapter.")
     return entries, config.get("active_adapter")
+
+
+def adapter_names(layers, adapters=None):
+    """The names `adapters` selects among the layers' adapters (all of
+    them for `None`; a model without named adapters has `"default"`)."""
+    banks = banks_of(layers)
+    available = [DEFAULT_ADAPTER] if banks is None else list(banks[0].adapters)
+    return _select(available, adapters, "the model")
 
 
 def banks_of(layers):
@@ -527,6 +540,10 @@ def assign_adapter_state(layers, tensors, layer_configs=None):
         layer = layers[path]
         layer.adapter_alpha = config.get("alpha", layer.adapter_alpha)
         layer.use_rslora = config.get("use_rslora", layer.use_rslora)
+    for layer in layers.values():
+        if layer.adapters_disabled:
+            # Loaded inside `disable_adapters`: stays disabled there.
+            zero_b(layer)
 
 
 def load_adapters(
@@ -540,7 +557,9 @@ def load_adapters(
     If `model` has no keras_lora layers, LoRA is first applied with the
     stored config (`keras_lora.apply_lora(model, targets=<stored paths>,
     rank_pattern=..., alpha_pattern=...)`), which returns a new model; the
-    model given is then left as it was. Every key, shape and value is checked
+    model given keeps its outputs (its base variables, shared with the new
+    model, are marked non-trainable; a failed load restores the flags).
+    Every key, shape and value is checked
     before anything is assigned: a failed load leaves the model unchanged.
     Each layer's alpha and rsLoRA flag are set from the file.
 
@@ -579,11 +598,25 @@ def load_adapters(
     entries, file_active = split_adapters(tensors, config, os.fspath(path))
     names = _select(list(entries), adapters, repr(os.fspath(path)))
     layers = lora_layers(model)
+    flags = None
     if not layers:
+        # apply_lora freezes the variables the clone shares with `model`;
+        # a failed load gives `model` its flags back.
+        flags = [(v, v.trainable) for v in model.weights]
         first = file_active if file_active in names else names[0]
         model = _apply_stored_config(model, entries[first][1])
         layers = lora_layers(model)
-    remember_models(model, layers)
+    try:
+        _load_into(model, layers, entries, names, file_active)
+    except Exception:
+        for variable, trainable in flags or ():
+            variable.trainable = trainable
+        raise
+    return model
+
+
+def _load_into(model, layers, entries, names, file_active):
+    """The second half of `load_adapters`: into an adapted model."""
     before = traced_state(layers)
     banks = banks_of(layers)
     if banks is None and names == [DEFAULT_ADAPTER]:
@@ -598,7 +631,6 @@ def load_adapters(
         # A changed alpha is traced into compiled functions; new A and B
         # values are read at every call.
         reset_compiled_functions(model, layers)
-    return model
 
 
 def _load_named(model, layers, entries, names, file_active):

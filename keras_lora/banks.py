@@ -7,6 +7,7 @@ import contextvars
 import numpy as np
 from keras import ops
 
+from keras_lora.layers import LoRALayer
 from keras_lora.layers.config import lora_scaling
 from keras_lora.walk import require_lora_layers
 from keras_lora.walk import to_numpy
@@ -15,7 +16,7 @@ from keras_lora.walk import to_numpy
 #: added (PEFT's name for it, too).
 DEFAULT_ADAPTER = "default"
 
-# (model id, adapter ids tensor) while a mixed batch runs.
+# (ids of the LoRA layers, adapter ids tensor) while a mixed batch runs.
 MIXED = contextvars.ContextVar("keras_lora_mixed_batch", default=None)
 
 
@@ -24,7 +25,6 @@ class AdapterBank:
 
     Attributes:
         layer: the LoRA layer.
-        owner: id of the model the bank was created for.
         adapters: `{name: {"values": {var: np.ndarray}, "alpha": float,
             "use_rslora": bool}}`, in insertion order (the index order of
             mixed batches). The active adapter's values are read from the
@@ -32,11 +32,28 @@ class AdapterBank:
         active: the name of the adapter the variables hold.
     """
 
-    def __init__(self, layer, owner):
+    def __init__(self, layer):
         self.layer = layer
-        self.owner = owner
+        # `{(id(optimizer), adapter name): [values]}` of the adapters not
+        # active (kept on the first layer's bank; `multi`).
+        self.optimizer_states = {}
         self.active = DEFAULT_ADAPTER
         self.adapters = {DEFAULT_ADAPTER: self._snapshot()}
+
+    @classmethod
+    def restored(cls, layer, entries, active):
+        """A bank read back from a `.keras` file (`LoRALayer.
+        load_own_variables`): `entries` `{name: entry}` in order, `None` for
+        the active adapter, whose values the layer's variables hold."""
+        bank = cls.__new__(cls)
+        bank.layer = layer
+        bank.optimizer_states = {}
+        bank.active = active
+        bank.adapters = {
+            name: bank._snapshot() if entry is None else entry
+            for name, entry in entries.items()
+        }
+        return bank
 
     def _snapshot(self):
         layer = self.layer
@@ -109,8 +126,13 @@ class AdapterBank:
     def mixed_delta(self, layer, inputs, training, reverse=False):
         """Per-example update inside `mixed_batch`; `None` outside it."""
         state = MIXED.get()
-        if state is None or state[0] != self.owner:
+        if state is None or id(layer) not in state[0]:
             return None
+        if layer.adapters_disabled:
+            raise ValueError(
+                "Cannot run a mixed batch inside `disable_adapters`: the "
+                "disabled model has no adapter to choose."
+            )
         if layer.merged:
             raise ValueError(
                 f"Layer '{layer.name}' is merged in place; unmerge it before "
@@ -176,12 +198,20 @@ def named_layers(model, create=False):
     the current adapter as `"default"`) if it has none."""
     layers = require_lora_layers(model, "use named adapters")
     banks = [layer.adapter_bank for layer in layers.values()]
-    if any(b is not None and b.owner != id(model) for b in banks):
+    present = [b for b in banks if b is not None]
+    if present and (
+        len(present) != len(banks)
+        or any(
+            list(b.adapters) != list(present[0].adapters)
+            or b.active != present[0].active
+            for b in present
+        )
+    ):
         raise ValueError(
-            "The named adapters of these layers were added through another "
-            "model object (e.g. the keras-hub task around this backbone); "
-            "use that model. Received: model="
-            f"{getattr(model, 'name', model)!r}"
+            "The named adapters of these layers were added through a model "
+            "holding only some of them (a sub-model); use that model, or "
+            "add adapters through the model holding all of them. Received: "
+            f"model={getattr(model, 'name', model)!r}"
         )
     if create and any(b is None for b in banks):
         for path, layer in layers.items():
@@ -197,7 +227,7 @@ def named_layers(model, create=False):
                 )
         check_only_adapters_train(model, layers)
         for layer in layers.values():
-            layer.adapter_bank = AdapterBank(layer, id(model))
+            layer.adapter_bank = AdapterBank(layer)
     elif create:
         check_only_adapters_train(model, layers)
     return layers
@@ -236,3 +266,8 @@ def model_banks(model):
     if any(b is None for b in banks):
         return None
     return banks
+
+
+# `.keras` files hold every named adapter; the layers restore their banks
+# with this class (keras_lora.layers does not import this module).
+LoRALayer.bank_class = AdapterBank

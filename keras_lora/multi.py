@@ -30,6 +30,7 @@ and applied with batched einsums:
 """
 
 import contextlib
+import numbers
 import os
 
 import keras
@@ -133,7 +134,7 @@ def add_adapter(model, name, weights=None):
                     layer.lora_b_initializer(b_shape, dtype="float32")
                 )
     elif isinstance(weights, dict):
-        tensors = {k: np.asarray(v, "float32") for k, v in weights.items()}
+        tensors = {k: np.array(v, "float32") for k, v in weights.items()}
     else:
         tensors, config = read_adapters(weights)
         entries, _ = split_adapters(tensors, config, os.fspath(weights))
@@ -186,14 +187,64 @@ def set_active_adapter(model, name):
     if banks is None:
         return
     layers = lora_layers(model)
+    merged = sorted(p for p, layer in layers.items() if layer.merged)
+    if merged:
+        raise ValueError(
+            f"Layers {merged} are merged in place; call "
+            "`keras_lora.unmerge_adapters(model)` before switching adapters."
+        )
     check_only_adapters_train(model, layers)
     before = traced_state(layers)
+    swap_optimizer_state(model, banks, name)
     for bank in banks:
         bank.activate(name)
     if traced_state(layers) != before:
         # Only a different alpha (or rsLoRA flag) is traced; A and B are
         # variables, read at every call.
         reset_compiled_functions(model, layers)
+
+
+def _built_optimizer(model):
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not getattr(optimizer, "built", False):
+        return None
+    return optimizer
+
+
+def _optimizer_values(optimizer):
+    return [ops.copy(v.value) for v in optimizer.variables]
+
+
+def _assign_optimizer_values(optimizer, values):
+    for variable, value in zip(optimizer.variables, values, strict=True):
+        variable.assign(value)
+
+
+def swap_optimizer_state(model, banks, name):
+    """Keeps the optimizer's state (step count, momentum, Adam's moments)
+    per adapter: A and B are the same variables for every adapter, so their
+    optimizer slots are saved for the adapter left and restored (or made
+    fresh, as a new optimizer of the same config has them) for `name`."""
+    optimizer = _built_optimizer(model)
+    if optimizer is None:
+        return
+    states = banks[0].optimizer_states
+    active = banks[0].active
+    states[(id(optimizer), active)] = _optimizer_values(optimizer)
+    values = states.pop((id(optimizer), name), None)
+    if values is None:
+        fresh = optimizer.__class__.from_config(optimizer.get_config())
+        fresh.build(model.trainable_variables)
+        if [tuple(v.shape) for v in fresh.variables] != [
+            tuple(v.shape) for v in optimizer.variables
+        ]:
+            raise ValueError(
+                "The model's optimizer was built for other variables than "
+                "the adapters it trains now; compile the model again before "
+                f"switching adapters. Received: name={name!r}"
+            )
+        values = _optimizer_values(fresh)
+    _assign_optimizer_values(optimizer, values)
 
 
 def delete_adapter(model, name):
@@ -209,8 +260,11 @@ def delete_adapter(model, name):
             f"Cannot delete the active adapter. Received: name={name!r}; "
             "activate another one first (`set_active_adapter`)."
         )
-    for bank in model_banks(model):
+    banks = model_banks(model)
+    for bank in banks:
         del bank.adapters[name]
+    for key in [k for k in banks[0].optimizer_states if k[1] == name]:
+        del banks[0].optimizer_states[key]
 
 
 def adapter_tensors(model, name):
@@ -255,6 +309,10 @@ def disable_adapters(model):
                 f"Layer '{layer.name}' is merged in place; unmerge it first."
             )
     saved = [(layer, snapshot_adapters(layer)) for layer in layers.values()]
+    optimizer = _built_optimizer(model)
+    optimizer_values = optimizer and _optimizer_values(optimizer)
+    banks = model_banks(model)
+    optimizer_states = banks and dict(banks[0].optimizer_states)
     for layer in layers.values():
         layer.adapters_disabled += 1
         zero_b(layer)
@@ -265,6 +323,10 @@ def disable_adapters(model):
         for layer, snapshot in saved:
             layer.adapters_disabled -= 1
             restore_adapters(layer, snapshot)
+        if optimizer is not None and optimizer.built:
+            _assign_optimizer_values(optimizer, optimizer_values)
+        if banks:
+            banks[0].optimizer_states = optimizer_states
         if traced_state(layers) != before:
             # An adapter of another alpha was switched to inside.
             reset_compiled_functions(model, layers)
@@ -296,7 +358,12 @@ def combine_adapters(model, weights, name):
         )
     for key, w in weights.items():
         _require(model, key, "weights")
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+        if (
+            not isinstance(w, numbers.Real)
+            or isinstance(w, bool)
+            or not np.isfinite(w)
+            or w < 0
+        ):
             raise ValueError(
                 f"Weights must be non-negative numbers. Received: "
                 f"weights[{key!r}]={w!r}"
@@ -366,11 +433,17 @@ def mixed_batch(model, adapter_ids):
                 f"{names} (0 to {count - 1}). Received: "
                 f"adapter_ids={values.tolist()}"
             )
-    token = MIXED.set((id(model), ops.cast(ids, "int32")))
+    token = MIXED.set(
+        (frozenset(map(id, layers.values())), ops.cast(ids, "int32"))
+    )
+    # `predict`, `fit` or `generate` traced inside the block would keep the
+    # ids, and traced before it would ignore them: both are re-traced.
+    reset_compiled_functions(model, layers)
     try:
         yield model
     finally:
         MIXED.reset(token)
+        reset_compiled_functions(model, layers)
 
 
 def mixed_batch_call(model, inputs, adapter_ids, **kwargs):

@@ -29,13 +29,15 @@ import re
 
 import numpy as np
 
+from keras_lora.adapters import adapter_names
+from keras_lora.adapters import adapter_state
 from keras_lora.adapters import assign_adapter_state
 from keras_lora.adapters import lora_layers
 from keras_lora.apply import apply_lora
+from keras_lora.banks import DEFAULT_ADAPTER
 from keras_lora.walk import iter_layers
 from keras_lora.walk import require_lora_layers
 from keras_lora.walk import reset_compiled_functions
-from keras_lora.walk import to_numpy
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -206,8 +208,14 @@ def save_peft_adapter(
     architecture=None,
     prefix=None,
     base_model_name_or_path=None,
+    adapters=None,
 ):
-    """Writes the model's adapters as a PEFT LoRA adapter directory.
+    """Writes the model's adapters as PEFT LoRA adapter directories.
+
+    As PEFT's `save_pretrained`: the adapter `"default"` goes into
+    `directory` itself, every other named adapter (`keras_lora.multi`) into
+    `directory/<name>/`; PEFT loads each with `PeftModel.from_pretrained`
+    (or `load_adapter`) and `load_peft_adapter` reads any one of them.
 
     Args:
         model: a keras-hub model (backbone or task) converted from a Hugging
@@ -220,16 +228,19 @@ def save_peft_adapter(
             (`"base_model.model.model."` for causal LMs, whose HF modules live
             under `model.`; `"base_model.model."` for BertModel).
         base_model_name_or_path: str written into the config, or `None`.
+        adapters: `None` (default) for every adapter of the model, or a
+            name or list of names (as `keras_lora.save_adapters`).
 
     Returns:
-        The config dict written.
+        The config dict written for the first adapter written (the only
+        one for a model without named adapters).
 
     Raises:
         ValueError: no LoRA layers; a LoRA layer with no PEFT counterpart
-            (all listed); mixed dropout or rsLoRA settings; a trained bias.
+            (all listed); mixed dropout or rsLoRA settings; a trained bias;
+            an adapter name the model lacks, or one that is not a plain
+            directory name.
     """
-    from safetensors.numpy import save_file
-
     layers = require_lora_layers(model, "export PEFT adapters")
     architecture = architecture or detect_architecture(model)
     _check_architecture(architecture)
@@ -250,38 +261,87 @@ def save_peft_adapter(
             )
         if layer.merged:
             raise ValueError(f"Layer '{path}' is merged; unmerge it first.")
-    dropouts = {layer.adapter_dropout for layer in layers.values()}
-    rslora = {layer.use_rslora for layer in layers.values()}
+    names = adapter_names(layers, adapters)
+    bad = [
+        n
+        for n in names
+        if n != DEFAULT_ADAPTER
+        and (n in (".", "..") or os.sep in n or (os.altsep or os.sep) in n)
+    ]
+    if bad:
+        raise ValueError(
+            f"PEFT stores adapter {bad[0]!r} in a sub-directory of that "
+            "name; it must be a plain directory name. Received: "
+            f"adapters={adapters!r}"
+        )
+    # Everything checked and computed before anything is written.
+    outputs = []
+    for name in names:
+        tensors, state = adapter_state(model, name)
+        outputs.append(
+            (
+                name,
+                *_peft_files(
+                    state["layers"], tensors, modules, prefix, architecture
+                ),
+            )
+        )
+    from safetensors.numpy import save_file
+
+    first = None
+    for name, tensors, config in outputs:
+        config["base_model_name_or_path"] = base_model_name_or_path
+        target = (
+            directory
+            if name == DEFAULT_ADAPTER
+            else os.path.join(directory, name)
+        )
+        os.makedirs(target, exist_ok=True)
+        save_file(
+            tensors,
+            os.path.join(target, WEIGHTS_FILE),
+            metadata={"format": "pt"},
+        )
+        with open(os.path.join(target, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        first = first or config
+    return first
+
+
+def _peft_files(layer_configs, tensors, modules, prefix, architecture):
+    """`(tensors, config)` of one adapter in PEFT's layout."""
+    dropouts = {c["dropout"] for c in layer_configs.values()}
+    rslora = {c["use_rslora"] for c in layer_configs.values()}
     if len(dropouts) > 1 or len(rslora) > 1:
         raise ValueError(
             "PEFT has one `lora_dropout` and one `use_rslora` per adapter. "
             f"Received: dropouts {sorted(dropouts)}, use_rslora "
             f"{sorted(rslora)}."
         )
-    tensors = {}
-    for path, layer in layers.items():
+    out = {}
+    for path in layer_configs:
         key = prefix + modules[path]
-        a = to_numpy(layer.lora_a)
-        b = to_numpy(layer.lora_b)
-        tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b.T)
-    rank = _most_common(layer.adapter_rank for layer in layers.values())
-    alpha = _most_common(layer.adapter_alpha for layer in layers.values())
+        a = tensors[f"{path}.lora_a"]
+        b = tensors[f"{path}.lora_b"]
+        out[f"{key}.lora_A.weight"] = np.ascontiguousarray(a.T)
+        out[f"{key}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    rank = _most_common(c["rank"] for c in layer_configs.values())
+    alpha = _most_common(c["alpha"] for c in layer_configs.values())
     # PEFT matches pattern keys as `(.*\.)?<key>$` against module names.
     rank_pattern = {
-        modules[p]: layer.adapter_rank
-        for p, layer in layers.items()
-        if layer.adapter_rank != rank
+        modules[p]: c["rank"]
+        for p, c in layer_configs.items()
+        if c["rank"] != rank
     }
     alpha_pattern = {
-        modules[p]: layer.adapter_alpha
-        for p, layer in layers.items()
-        if layer.adapter_alpha != alpha
+        modules[p]: c["alpha"]
+        for p, c in layer_configs.items()
+        if c["alpha"] != alpha
     }
     config = {
         "peft_type": "LORA",
         "task_type": _TASK_TYPE[architecture],
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": None,
         "r": int(rank),
         "lora_alpha": float(alpha),
         "lora_dropout": float(dropouts.pop()),
@@ -301,15 +361,7 @@ def save_peft_adapter(
         "use_dora": False,
         "revision": None,
     }
-    os.makedirs(directory, exist_ok=True)
-    save_file(
-        tensors,
-        os.path.join(directory, WEIGHTS_FILE),
-        metadata={"format": "pt"},
-    )
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    return config
+    return out, config
 
 
 def _pattern_value(patterns, module, default):

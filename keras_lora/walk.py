@@ -89,9 +89,11 @@ def iter_layers(
 
 def lora_layers(model: keras.layers.Layer) -> dict[str, LoRALayer]:
     """Returns `{path: layer}` for every keras_lora layer in `model`."""
-    return {
+    layers = {
         p: lay for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)
     }
+    remember_models(model, layers)
+    return layers
 
 
 def require_lora_layers(model, what, include_self=False):
@@ -178,3 +180,14 @@ def to_numpy(structure, dtype=None):
         lambda x: np.asarray(keras.ops.convert_to_numpy(x), dtype=dtype),
         structure,
     )
+
+
+def _reset_models_holding(layer):
+    models = list(_MODELS.get(layer, ()))
+    if models:
+        reset_compiled_functions(models[0], {"": layer})
+
+
+# A layer's own merge_adapter() / unmerge_adapter() reset the functions of
+# every model known to hold it.
+LoRALayer.traced_state_hook = staticmethod(_reset_models_holding)

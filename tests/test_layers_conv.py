@@ -84,7 +84,9 @@ def _plain_keras_lora(layer, x, a, b, s):
     """The LoRA output built from plain Keras Conv2D layers and NumPy only,
     without the layer's own branch code: the base conv, then per group a
     plain conv of that group's input channels with A into `rank` channels
-    and a NumPy product with that group's columns of s * B."""
+    and a NumPy product with that group's columns of s * B. The per-group
+    convs run channels-last on transposed inputs (an ungrouped NCHW conv is
+    what some TensorFlow CPU builds cannot run at all)."""
     config = layer.base_config()
     g = layer.groups
     channels_last = layer.data_format == "channels_last"
@@ -105,12 +107,15 @@ def _plain_keras_lora(layer, x, a, b, s):
                 "filters": a.shape[3],
                 "groups": 1,
                 "use_bias": False,
+                "data_format": "channels_last",
                 "name": f"a{i}",
             }
         )
+        xg = xg if channels_last else np.transpose(xg, (0, 2, 3, 1))
         conv.build(xg.shape)
         conv.set_weights([a])
         h = np_(conv(xg)).astype("float64")
+        h = h if channels_last else np.transpose(h, (0, 3, 1, 2))
         bg = s * b[:, i * fg : (i + 1) * fg].astype("float64")
         if channels_last:
             out[..., i * fg : (i + 1) * fg] += h @ bg

@@ -332,14 +332,30 @@ def test_export_refuses_other_backends(lm, tmp_path):
         multi.export_mixed_saved_model(model, str(tmp_path), [])
 
 
-def test_banks_belong_to_the_model_they_were_added_through(lm):
-    """A model wrapping the adapted one cannot silently replace its banks."""
+def test_named_adapters_belong_to_the_layers_not_a_model_object(lm):
+    """A model wrapping the adapted one (as a keras-hub task wraps its
+    backbone) sees and drives the same named adapters; a sub-model holding
+    only some of the layers cannot add adapters that the others lack."""
     model, ids = lm
     inputs = keras.Input((SEQ,), dtype="int32")
     outer = keras.Model(inputs, model(inputs))
-    with pytest.raises(ValueError, match="another model object"):
-        multi.add_adapter(outer, "x")
-    assert multi.list_adapters(model) == ["default", "b", "c"]
+    assert multi.list_adapters(outer) == ["default", "b", "c"]
+    multi.add_adapter(outer, "x")
+    assert multi.list_adapters(model) == ["default", "b", "c", "x"]
+    multi.set_active_adapter(outer, "b")
+    assert multi.active_adapter(model) == "b"
+    adapter_ids = np.array([1, 2, 0, 1], "int32")
+    assert_close(
+        to_numpy(multi.mixed_batch_call(outer, ids, adapter_ids)),
+        per_example_reference(model, ids, adapter_ids),
+    )
+    # A bank on one layer only: refused, naming the cause.
+    dense = model.get_layer("dense")
+    bank = dense.adapter_bank
+    dense.adapter_bank = None
+    with pytest.raises(ValueError, match="holding only some of them"):
+        multi.list_adapters(model)
+    dense.adapter_bank = bank
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -574,3 +590,27 @@ def test_c18_named_adapters_refuse_other_trainable_state(tmp_path):
         multi.add_adapter(model, "b")
     assert multi.list_adapters(model) == ["default"]
     assert model.get_layer("dense").adapter_bank is None
+
+
+def test_c18_keras_file_keeps_every_named_adapter(tmp_path):
+    """C18's kind, for `.keras` files: `model.save` holds every named
+    adapter (values, alpha, order, the active one), and the reloaded model
+    switches between them with the original's outputs; pickling too."""
+    import pickle
+
+    model = _c18_adapted(tmp_path)
+    x = np.random.default_rng(1).normal(size=(3, 8)).astype("float32")
+    expected = _outputs_per_adapter(model, x)
+    model.save(tmp_path / "m.keras")
+    for loaded in (
+        keras.saving.load_model(tmp_path / "m.keras"),
+        pickle.loads(pickle.dumps(model)),
+    ):
+        assert multi.list_adapters(loaded) == ["default", "legal", "medical"]
+        assert multi.active_adapter(loaded) == "legal"
+        assert_exact(to_numpy(loaded(x)), expected["legal"])
+        for name, output in _outputs_per_adapter(loaded, x).items():
+            assert_exact(output, expected[name])
+        out = multi.mixed_batch_call(loaded, x, np.array([2, 0, 1], "int32"))
+        assert_close(to_numpy(out)[0], expected["medical"][0])
+        assert_close(to_numpy(out)[2], expected["legal"][2])

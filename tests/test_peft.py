@@ -335,3 +335,56 @@ def test_errors(tmp_path):
         peft.load_peft_adapter(backbone, str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="`architecture` must be one of"):
         peft.load_peft_adapter(backbone, adapter, architecture="gpt2")
+
+
+def test_export_every_named_adapter_as_peft_does(tmp_path):
+    """Named adapters exported as PEFT's `save_pretrained` lays them out:
+    "default" in the directory, others in `<directory>/<name>/`; each loads
+    back (load_peft_adapter) to the outputs of that adapter, with its own
+    alpha."""
+    from keras_lora import multi
+
+    base = str(tmp_path / "base")
+    cls = tiny_hf_checkpoint("gemma", base)
+    model = keras_lora.apply_lora(cls.from_preset(base), rank=2, alpha=4.0)
+    rng = np.random.default_rng(3)
+
+    def random_values():
+        return {
+            f"{path}.{name}": rng.normal(scale=0.2, size=v.shape).astype(
+                "float32"
+            )
+            for path, layer in keras_lora.lora_layers(model).items()
+            for name, v in layer.adapter_weights().items()
+        }
+
+    for path, value in random_values().items():
+        layer_path, _, name = path.rpartition(".")
+        getattr(keras_lora.lora_layers(model)[layer_path], name).assign(value)
+    multi.add_adapter(model, "legal", random_values())
+    multi.set_active_adapter(model, "legal")
+    for layer in keras_lora.lora_layers(model).values():
+        layer.adapter_alpha = 8.0
+    expected = {"legal": to_numpy(model(decoder_inputs()))}
+    multi.set_active_adapter(model, "default")
+    expected["default"] = to_numpy(model(decoder_inputs()))
+    out_dir = str(tmp_path / "peft")
+    peft.save_peft_adapter(model, out_dir)
+    assert sorted(os.listdir(out_dir)) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "legal",
+    ]
+    for name, directory in (
+        ("default", out_dir),
+        ("legal", os.path.join(out_dir, "legal")),
+    ):
+        with open(os.path.join(directory, "adapter_config.json")) as f:
+            assert json.load(f)["lora_alpha"] == (
+                4.0 if name == "default" else 8.0
+            )
+        fresh = peft.load_peft_adapter(cls.from_preset(base), directory)
+        assert_exact(to_numpy(fresh(decoder_inputs())), expected[name])
+    with pytest.raises(ValueError, match=r"adapters='nope'"):
+        peft.save_peft_adapter(model, str(tmp_path / "x"), adapters="nope")
+    assert not os.path.exists(tmp_path / "x")

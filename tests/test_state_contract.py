@@ -311,3 +311,163 @@ def test_a_head_made_trainable_after_adding_adapters_is_refused():
             operation()
     assert multi.list_adapters(model) == ["default", "b"]
     assert multi.active_adapter(model) == "default"
+
+
+def test_saving_inside_disable_adapters_is_refused(tmp_path):
+    """Inside disable_adapters every B is zero: saving there (adapter
+    files, `.keras`) would store the disabled state as the adapter, so it
+    raises and writes nothing."""
+    model = kl.apply_lora(base_model(), rank=RANK)
+    with multi.disable_adapters(model):
+        with pytest.raises(ValueError, match="inside `keras_lora.multi"):
+            kl.save_adapters(model, tmp_path / "a.safetensors")
+        with pytest.raises(ValueError, match="cannot save inside"):
+            model.save(tmp_path / "m.keras")
+    assert not (tmp_path / "a.safetensors").exists()
+    kl.save_adapters(model, tmp_path / "a.safetensors")
+
+
+def two_adapters(inplace=False):
+    """Adapters "default" and "b", both non-zero, on both Dense layers."""
+    model = kl.apply_lora(base_model(), rank=RANK, alpha=4.0, inplace=inplace)
+    rng = np.random.default_rng(0)
+    for path, value in random_adapter(rng).items():
+        layer_path, _, name = path.rpartition(".")
+        getattr(kl.lora_layers(model)[layer_path], name).assign(value)
+    multi.add_adapter(model, "b", random_adapter(rng))
+    return model
+
+
+X = np.random.default_rng(1).normal(size=(4, 8)).astype("float32")
+
+
+def test_predict_inside_and_after_a_mixed_batch_follows_it():
+    """A compiled predict run inside mixed_batch computes the mix, and after
+    the block the active adapter again (never the other's ids)."""
+    model = two_adapters()
+    expected = {}
+    for name in ("b", "default"):
+        multi.set_active_adapter(model, name)
+        expected[name] = to_numpy(model(X))
+    model.predict(X, verbose=0, batch_size=4)
+    with multi.mixed_batch(model, np.array([1, 1, 0, 1], "int32")):
+        mixed = model.predict(X, verbose=0, batch_size=4)
+    assert_close(mixed[[0, 1, 3]], expected["b"][[0, 1, 3]])
+    assert_close(mixed[2], expected["default"][2])
+    assert_close(model.predict(X, verbose=0, batch_size=4), expected["default"])
+
+
+def test_disabled_stays_disabled_whatever_is_loaded_or_mixed(tmp_path):
+    """Inside disable_adapters a loaded adapter stays disabled, and a
+    disable opened inside a mixed batch refuses the mix."""
+    model = kl.apply_lora(base_model(), rank=RANK)
+    for path, value in random_adapter(np.random.default_rng(0)).items():
+        layer_path, _, name = path.rpartition(".")
+        getattr(kl.lora_layers(model)[layer_path], name).assign(value)
+    with_adapter = to_numpy(model(X))
+    kl.save_adapters(model, tmp_path / "one.safetensors")
+    with multi.disable_adapters(model):
+        base = to_numpy(model(X))
+        kl.load_adapters(model, tmp_path / "one.safetensors")
+        assert_exact(to_numpy(model(X)), base)
+    assert_exact(to_numpy(model(X)), with_adapter)
+    model = two_adapters()
+    with multi.mixed_batch(model, np.array([0, 1, 0, 1], "int32")):
+        with multi.disable_adapters(model):
+            with pytest.raises(ValueError, match="inside `disable_adapters`"):
+                model(X)
+
+
+def test_switching_a_model_merged_in_place_is_refused():
+    """set_active_adapter on a model merged in place would leave the merged
+    adapter computing: refused, nothing changed."""
+    model = two_adapters(inplace=True)
+    kl.merge_adapters(model)
+    merged_out = to_numpy(model(X))
+    with pytest.raises(ValueError, match="merged in place"):
+        multi.set_active_adapter(model, "b")
+    assert multi.active_adapter(model) == "default"
+    assert_exact(to_numpy(model(X)), merged_out)
+
+
+def test_a_failed_load_leaves_a_plain_model_as_it_was(tmp_path):
+    """load_adapters into a plain model that fails (a NaN value) leaves the
+    model's trainable flags (and outputs) as they were."""
+    model = kl.apply_lora(base_model(), rank=RANK)
+    layer = kl.lora_layers(model)["dense"]
+    layer.lora_b.assign(np.full(layer.lora_b.shape, np.nan, "float32"))
+    kl.save_adapters(model, tmp_path / "nan.safetensors")
+    plain = base_model()
+    before = to_numpy(plain(X))
+    with pytest.raises(ValueError, match="non-finite"):
+        kl.load_adapters(plain, tmp_path / "nan.safetensors")
+    assert len(plain.trainable_weights) == 4
+    assert_exact(to_numpy(plain(X)), before)
+
+
+def test_optimizer_state_belongs_to_each_adapter():
+    """Momentum (and step count) are kept per adapter: training "b" after
+    training "default" gives what training "b" alone gives."""
+    y = np.random.default_rng(2).normal(size=(4, 3)).astype("float32")
+
+    def compiled():
+        model = two_adapters()
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mse"
+        )
+        return model
+
+    alone = compiled()
+    multi.set_active_adapter(alone, "b")
+    alone.fit(X, y, epochs=2, verbose=0)
+    after = compiled()
+    after.fit(X, -y, epochs=3, verbose=0)
+    multi.set_active_adapter(after, "b")
+    after.fit(X, y, epochs=2, verbose=0)
+    for key, value in multi.adapter_tensors(alone, "b").items():
+        assert_close(multi.adapter_tensors(after, "b")[key], value)
+    # "default" resumes with its own momentum: equal to training it in one go.
+    one_go = compiled()
+    one_go.fit(X, -y, epochs=5, verbose=0)
+    multi.set_active_adapter(after, "default")
+    after.fit(X, -y, epochs=2, verbose=0)
+    for key, value in multi.adapter_tensors(one_go, "default").items():
+        assert_close(multi.adapter_tensors(after, "default")[key], value)
+
+
+def test_added_arrays_are_copied_and_numpy_weights_combine():
+    """add_adapter keeps its own copy of given arrays; combine_adapters takes
+    NumPy scalars as weights."""
+    model = two_adapters()
+    given = random_adapter(np.random.default_rng(5))
+    kept = {k: v.copy() for k, v in given.items()}
+    multi.add_adapter(model, "c", given)
+    for value in given.values():
+        value += 1.0
+    for key, value in multi.adapter_tensors(model, "c").items():
+        assert_exact(value, kept[key])
+    multi.combine_adapters(model, {"b": np.float32(0.5), "c": 0.5}, "mix")
+    assert "mix" in multi.list_adapters(model)
+    with pytest.raises(ValueError, match="non-negative"):
+        multi.combine_adapters(model, {"b": float("nan")}, "bad")
+
+
+def test_layer_merge_and_outer_models_reset_compiled_functions():
+    """layer.merge_adapter() / unmerge_adapter() reset the compiled predict
+    of the models holding the layer, a wrapper only ever given to
+    `lora_layers` included: predict never applies the adapter twice."""
+    model = two_adapters(inplace=True)
+    inputs = keras.Input((8,))
+    outer = keras.Model(inputs, model(inputs))
+    kl.lora_layers(outer)
+    expected = to_numpy(model(X))
+    for m in (model, outer):
+        m.predict(X, verbose=0)
+    for layer in kl.lora_layers(model).values():
+        layer.merge_adapter()
+    for m in (model, outer):
+        assert_close(m.predict(X, verbose=0), expected)
+    for layer in kl.lora_layers(model).values():
+        layer.unmerge_adapter()
+    for m in (model, outer):
+        assert_close(m.predict(X, verbose=0), expected)

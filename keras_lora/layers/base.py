@@ -12,6 +12,7 @@ import math
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lora import _keras_private
@@ -435,8 +436,8 @@ class LoRALayer:
 
         The original base values are kept, so `unmerge_adapter()` restores
         them bit for bit. While merged, `call` skips the LoRA branch.
-        Compiled functions (`model.predict`) must be re-made after this
-        call: `keras_lora.merge_adapters(model)` does that for a model.
+        Compiled functions of the models keras_lora knows hold the layer
+        are reset (`keras_lora.merge_adapters(model)` resets `model`'s).
 
         Raises:
             ValueError: already merged; or the layer is in a model that
@@ -464,6 +465,7 @@ class LoRALayer:
         for name, value in values.items():
             base[name].assign(value)
         self.merged = True
+        self.traced_state_changed()
 
     def unmerge_adapter(self):
         """Restores the base weights kept by `merge_adapter()`, bit for bit."""
@@ -474,6 +476,18 @@ class LoRALayer:
             base[name].assign(value)
         self._unmerged_values = None
         self.merged = False
+        self.traced_state_changed()
+
+    #: Called with the layer when its merged flag changes (set by
+    #: `keras_lora.walk`: resets the compiled functions of the models known
+    #: to hold the layer).
+    traced_state_hook = None
+
+    def traced_state_changed(self):
+        """Tells `traced_state_hook` that Python state compiled functions
+        capture (the merged flag) changed."""
+        if LoRALayer.traced_state_hook is not None:
+            LoRALayer.traced_state_hook(self)
 
     def _check_built(self, what):
         if not self.built:
@@ -507,17 +521,50 @@ class LoRALayer:
         """Saves base weights (unmerged values) and adapters by name."""
         if not self.built:
             return
+        if self.adapters_disabled:
+            raise ValueError(
+                f"Layer '{self.name}': cannot save inside "
+                "`keras_lora.multi.disable_adapters` (B is zero there, not "
+                "the adapter's); save after the block."
+            )
         for name in self.base_weights():
             store[name] = self.original_value(name)
         for name, variable in self.adapter_weights().items():
             store[name] = variable
+        bank = self.adapter_bank
+        if bank is not None:
+            # Every named adapter, not only the active one the variables
+            # hold: `bank.<i>.name` (UTF-8 bytes), `bank.<i>.<variable>`,
+            # `bank.<i>.alpha`, `bank.<i>.use_rslora`; `bank.active` is the
+            # index of the active adapter (its values are the variables).
+            names = list(bank.adapters)
+            store["bank.active"] = np.array([names.index(bank.active)])
+            for i, name in enumerate(names):
+                store[f"bank.{i}.name"] = np.frombuffer(
+                    name.encode("utf-8"), "uint8"
+                )
+                if name == bank.active:
+                    continue
+                entry = bank.adapters[name]
+                for var, value in entry["values"].items():
+                    store[f"bank.{i}.{var}"] = value
+                store[f"bank.{i}.alpha"] = np.array([entry["alpha"]], "float64")
+                store[f"bank.{i}.use_rslora"] = np.array(
+                    [entry["use_rslora"]], "int8"
+                )
+
+    #: The class of `adapter_bank` (set by `keras_lora.banks`), used to
+    #: restore the named adapters a `.keras` file holds.
+    bank_class = None
 
     def load_own_variables(self, store):
         """Loads what `save_own_variables` wrote; refuses any mismatch."""
         if not self.built:
             return
         expected = {**self.base_weights(), **self.adapter_weights()}
-        received = set(store.keys())
+        keys = set(store.keys())
+        received = {k for k in keys if not k.startswith("bank.")}
+        bank_keys = keys - received
         if received != set(expected):
             raise ValueError(
                 f"Layer '{self.name}' ({type(self).__name__}) expected "
@@ -534,10 +581,49 @@ class LoRALayer:
                     f"{tuple(variable.shape)}; the checkpoint has "
                     f"{tuple(value.shape)}."
                 )
+        entries, active = self._stored_bank(store, bank_keys)
         for name, variable in expected.items():
             variable.assign(store[name])
         self._unmerged_values = None
         self.merged = False
+        self.adapter_bank = None
+        if entries is not None:
+            self.adapter_bank = self.bank_class.restored(self, entries, active)
+
+    def _stored_bank(self, store, keys):
+        """`({name: entry or None}, active name)` from the `bank.*` keys
+        (`None, None` without them); checked before anything is loaded."""
+        if not keys:
+            return None, None
+        count = sum(1 for k in keys if k.endswith(".name"))
+        active = int(np.asarray(store["bank.active"]).reshape(-1)[0])
+        entries = {}
+        active_name = None
+        for i in range(count):
+            raw = np.asarray(store[f"bank.{i}.name"], "uint8")
+            name = raw.tobytes().decode("utf-8")
+            if i == active:
+                entries[name] = None
+                active_name = name
+                continue
+            values = {}
+            for var, variable in self.adapter_weights().items():
+                value = np.asarray(store[f"bank.{i}.{var}"], "float32")
+                if tuple(value.shape) != tuple(variable.shape):
+                    raise ValueError(
+                        f"Layer '{self.name}': adapter {name!r} variable "
+                        f"'{var}' has shape {tuple(value.shape)}; the layer "
+                        f"{tuple(variable.shape)}."
+                    )
+                values[var] = value
+            alpha = np.asarray(store[f"bank.{i}.alpha"]).reshape(-1)[0]
+            rslora = np.asarray(store[f"bank.{i}.use_rslora"]).reshape(-1)
+            entries[name] = {
+                "values": values,
+                "alpha": float(alpha),
+                "use_rslora": bool(rslora[0]),
+            }
+        return entries, active_name
 
     # -- Construction from an existing layer --------------------------------
 
