@@ -31,6 +31,7 @@ import numpy as np
 
 from keras_lora.apply import apply_lora
 from keras_lora.banks import DEFAULT_ADAPTER
+from keras_lora.banks import banks_of
 from keras_lora.banks import named_layers
 from keras_lora.banks import zero_b
 from keras_lora.saving import base_class_of
@@ -313,12 +314,6 @@ def adapter_names(layers, adapters=None):
     banks = banks_of(layers)
     available = [DEFAULT_ADAPTER] if banks is None else list(banks[0].adapters)
     return _select(available, adapters, "the model")
-
-
-def banks_of(layers):
-    """The layers' `AdapterBank`s, or `None` when they have one adapter."""
-    banks = [layer.adapter_bank for layer in layers.values()]
-    return None if any(b is None for b in banks) else banks
 
 
 def read_adapters(path):

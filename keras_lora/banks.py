@@ -213,7 +213,10 @@ def named_layers(model, create=False):
             "add adapters through the model holding all of them. Received: "
             f"model={getattr(model, 'name', model)!r}"
         )
-    if create and any(b is None for b in banks):
+    if not create:
+        return layers
+    missing = not present
+    if missing:
         for path, layer in layers.items():
             if getattr(layer, "train_bias", False):
                 raise ValueError(
@@ -225,11 +228,10 @@ def named_layers(model, create=False):
                 raise ValueError(
                     f"Layer '{path}' is not built; call the model once."
                 )
-        check_only_adapters_train(model, layers)
+    check_only_adapters_train(model, layers)
+    if missing:
         for layer in layers.values():
             layer.adapter_bank = AdapterBank(layer)
-    elif create:
-        check_only_adapters_train(model, layers)
     return layers
 
 
@@ -259,13 +261,15 @@ def check_only_adapters_train(model, layers):
         )
 
 
+def banks_of(layers):
+    """The layers' `AdapterBank`s, or `None` when they have one adapter."""
+    banks = [layer.adapter_bank for layer in layers.values()]
+    return None if any(b is None for b in banks) else banks
+
+
 def model_banks(model):
     """The layers' banks, or `None` while the model has one adapter."""
-    layers = named_layers(model)
-    banks = [layer.adapter_bank for layer in layers.values()]
-    if any(b is None for b in banks):
-        return None
-    return banks
+    return banks_of(named_layers(model))
 
 
 # `.keras` files hold every named adapter; the layers restore their banks

@@ -45,6 +45,7 @@ from keras_lora.adapters import split_adapters
 from keras_lora.banks import DEFAULT_ADAPTER
 from keras_lora.banks import MIXED
 from keras_lora.banks import AdapterBank  # noqa: F401
+from keras_lora.banks import banks_of
 from keras_lora.banks import check_only_adapters_train
 from keras_lora.banks import model_banks
 from keras_lora.banks import named_layers
@@ -183,10 +184,10 @@ def set_active_adapter(model, name):
     """
     _check_name(name)
     _require(model, name)
-    banks = model_banks(model)
+    layers = named_layers(model)
+    banks = banks_of(layers)
     if banks is None:
         return
-    layers = lora_layers(model)
     merged = sorted(p for p, layer in layers.items() if layer.merged)
     if merged:
         raise ValueError(
@@ -311,7 +312,7 @@ def disable_adapters(model):
     saved = [(layer, snapshot_adapters(layer)) for layer in layers.values()]
     optimizer = _built_optimizer(model)
     optimizer_values = optimizer and _optimizer_values(optimizer)
-    banks = model_banks(model)
+    banks = banks_of(layers)
     optimizer_states = banks and dict(banks[0].optimizer_states)
     for layer in layers.values():
         layer.adapters_disabled += 1

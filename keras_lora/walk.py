@@ -109,9 +109,7 @@ def require_lora_layers(model, what, include_self=False):
     layers = lora_layers(model)
     if include_self and isinstance(model, LoRALayer):
         layers = {"": model, **layers}
-    if layers:
-        remember_models(model, layers)
-    else:
+    if not layers:
         raise ValueError(
             f"Cannot {what}: `model` has no keras_lora layers (apply LoRA "
             "first with `keras_lora.apply_lora`; or was it already merged "
