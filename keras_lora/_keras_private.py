@@ -280,3 +280,16 @@ def providing_weights(provider):
         yield
     finally:
         _PROVIDER.reset(token)
+
+
+def producer(tensor):
+    """`(layer, input_tensors)` of the functional-graph node that made
+    `tensor` (a symbolic `KerasTensor`), or `(None, [])` if none did."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None, []
+    operation, node_index, _ = history
+    nodes = getattr(operation, "_inbound_nodes", [])
+    if node_index >= len(nodes):
+        return operation, []
+    return operation, list(nodes[node_index].input_tensors)

@@ -25,6 +25,7 @@ TensorFlow loads on JAX or PyTorch and gives equal outputs.
 import json
 import os
 import re
+import warnings
 
 import keras
 import numpy as np
@@ -34,7 +35,9 @@ from keras_lora.banks import DEFAULT_ADAPTER
 from keras_lora.banks import banks_of
 from keras_lora.banks import named_layers
 from keras_lora.banks import zero_b
+from keras_lora.layers import LoRALayer
 from keras_lora.saving import base_class_of
+from keras_lora.walk import is_weighted_leaf
 from keras_lora.walk import iter_layers
 from keras_lora.walk import lora_layers
 from keras_lora.walk import require_lora_layers
@@ -241,15 +244,19 @@ def save_adapters(
     Returns:
         The JSON config written into the file's metadata (a dict).
 
+    Warns:
+        UserWarning: the model trains weights besides the adapters (e.g.
+            a new head from `apply_lora(..., trainable_layers=...)`): they
+            are not in the file, and the warning names their layers.
+
     Raises:
         ValueError: no LoRA layers, an unbuilt layer, a bad `path`, or
             `adapters` names an adapter the model does not have.
 
-    Example:
-
-    >>> kl.save_adapters(model, "adapters.safetensors")  # doctest: +SKIP
-    >>> kl.save_adapters(model, "legal.safetensors", adapters="legal")
-    ... # doctest: +SKIP
+    Examples:
+        >>> kl.save_adapters(model, "adapters.safetensors")  # doctest: +SKIP
+        >>> kl.save_adapters(model, "legal.safetensors", adapters="legal")
+        ... # doctest: +SKIP
     """
     from safetensors.numpy import save_file
 
@@ -279,6 +286,22 @@ def save_adapters(
             "adapters": [{"name": n, "config": c} for n, _, c in states],
         }
     save_file(tensors, path, metadata={CONFIG_KEY: json.dumps(config)})
+    trained_elsewhere = [
+        p
+        for p, lay in iter_layers(model)
+        if not isinstance(lay, LoRALayer)
+        and is_weighted_leaf(lay)
+        and any(v.trainable for v in lay.weights)
+    ]
+    if trained_elsewhere:
+        warnings.warn(
+            f"save_adapters wrote the adapters only: the trainable weights of "
+            f"{trained_elsewhere} (e.g. `trainable_layers` of apply_lora) are "
+            f"not in {path!r}. Save them too (`model.save_weights`, or the "
+            "layer's weights), or a fresh model loading this file keeps its "
+            "own values there.",
+            stacklevel=2,
+        )
     return config
 
 
@@ -585,9 +608,8 @@ def load_adapters(
             `adapters` names an adapter the file does not hold; several
             adapters into a model that trains more than A and B.
 
-    Example:
-
-    >>> model = kl.load_adapters(model, "a.safetensors")  # doctest: +SKIP
+    Examples:
+        >>> model = kl.load_adapters(model, "a.safetensors")  # doctest: +SKIP
     """
     tensors, config = read_adapters(path)
     entries, file_active = split_adapters(tensors, config, os.fspath(path))

@@ -71,6 +71,105 @@ DEFAULT_ATTENTION_NAMES = (
 )
 
 
+#: `targets="all-linear"`: every Dense and EinsumDense layer except the
+#: model's output head, as PEFT's `target_modules="all-linear"`.
+ALL_LINEAR = "all-linear"
+
+#: Layer types `"all-linear"` selects.
+LINEAR_TYPES = (keras.layers.Dense, keras.layers.EinsumDense)
+
+
+class _AllLinear:
+    """The `"all-linear"` target: a callable `(path, layer) -> bool`."""
+
+    def __init__(self, heads):
+        self.heads = heads
+
+    def __call__(self, path, layer):
+        return isinstance(layer, LINEAR_TYPES) and id(layer) not in self.heads
+
+    def __repr__(self):
+        return repr(ALL_LINEAR)
+
+
+def output_heads(model):
+    """The Dense / EinsumDense layers that compute `model`'s outputs.
+
+    From each output of the functional graph (a keras-hub task, a
+    functional or sequential model, nested ones followed inwards), back
+    through layers without weights (activations, dropout, rescaling,
+    reshapes, `keras.ops` calls) to the first layer with weights; it is a
+    head if it is a Dense or EinsumDense. A layer with sub-layers there (a
+    subclassed head block such as keras-hub's `MaskedLMHead`) is not one:
+    its own Dense layers are adapted, as PEFT adapts a BERT masked-LM
+    head's transform. A keras-hub causal LM whose logits come from the
+    token embedding's reverse projection has no linear head.
+
+    Returns:
+        A list of layers (possibly empty).
+
+    Raises:
+        ValueError: `model` has no functional graph to follow (a subclassed
+            model), so its head cannot be told apart.
+    """
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        raise ValueError(
+            f"`targets='{ALL_LINEAR}'` needs a functional model (a keras-hub "
+            "task or backbone, a Sequential or functional model) to find its "
+            f"output head; {type(model).__name__} has no functional graph. "
+            "List the target layers instead (and `exclude` the head)."
+        )
+    if any(
+        c.__name__ == "Backbone" and c.__module__.startswith("keras_hub")
+        for c in type(model).__mro__
+    ):
+        return []
+    heads, seen = [], set()
+    stack = list(keras.tree.flatten(outputs))
+    while stack:
+        layer, inputs = _keras_private.producer(stack.pop())
+        if layer is None or id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if isinstance(layer, LINEAR_TYPES):
+            heads.append(layer)
+        elif isinstance(layer, keras.Model) and getattr(layer, "outputs", None):
+            stack.extend(keras.tree.flatten(layer.outputs))
+        elif not getattr(layer, "weights", None):
+            # A layer without weights or a `keras.ops` call: see through.
+            stack.extend(t for t in inputs if t is not None)
+    return heads
+
+
+def _expand_targets(model, targets, argument="targets"):
+    """`targets` (or `exclude`) with `"all-linear"` replaced by its
+    selector."""
+    if isinstance(targets, str):
+        entries = [targets]
+    elif isinstance(targets, collections.abc.Iterable) and not isinstance(
+        targets, (bytes, re.Pattern)
+    ):
+        entries = list(targets)
+    else:
+        return targets
+    if not any(isinstance(t, str) and t == ALL_LINEAR for t in entries):
+        return entries
+    heads = output_heads(model)
+    selector = _AllLinear({id(h) for h in heads})
+    if not any(selector(p, lay) for p, lay in iter_layers(model)):
+        raise ValueError(
+            f"`{argument}='{ALL_LINEAR}'` selects nothing: every Dense and "
+            f"EinsumDense layer of the model is an output head "
+            f"({[h.name for h in heads]}) or there is none. Name the layers "
+            f"instead. Received: {argument}={targets!r}"
+        )
+    return [
+        selector if isinstance(t, str) and t == ALL_LINEAR else t
+        for t in entries
+    ]
+
+
 def _is_default_attention(layer, stable_path):
     names = (layer.name, stable_path.rsplit("/", 1)[-1])
     return any(name in DEFAULT_ATTENTION_NAMES for name in names)
@@ -168,8 +267,8 @@ def select_targets(
     return _select(
         list(iter_layers(model)),
         functools.cache(lambda: stable_path_of(model)),
-        targets,
-        exclude,
+        _expand_targets(model, targets),
+        _expand_targets(model, exclude, "exclude"),
     )
 
 
@@ -226,6 +325,17 @@ def _select(layers, stable, targets, exclude):
                 f"{wrong}"
             )
     if exclude is not None:
+        idle = [
+            e
+            for e in exclude
+            if not any(_matches(e, p, lay) for p, lay in layers)
+        ]
+        if idle:
+            raise ValueError(
+                "These `exclude` entries match no layer of the model: "
+                f"{', '.join(_describe(e) for e in idle)}. Layer paths that "
+                f"can be adapted: {[p for p, _ in adaptable]}"
+            )
         selected = [
             (p, lay)
             for p, lay in selected
@@ -361,13 +471,18 @@ def apply_lora(
             and value projections (by name or attribute name: `query`,
             `value`, `q_proj`, `v_proj`, ... and fused `qkv` layers; see
             `DEFAULT_ATTENTION_NAMES`), the LoRA paper's choice; if the
-            model has none, every Dense, EinsumDense and Conv2D. Otherwise
-            a str, compiled regex, layer class or callable
-            `(path, layer) -> bool`, or a list of them. A str matches a
+            model has none, every Dense, EinsumDense and Conv2D.
+            `"all-linear"`: every Dense and EinsumDense except the model's
+            output head (see `keras_lora.apply.output_heads`), as PEFT's
+            `target_modules="all-linear"`; it can be combined with other
+            entries and with `exclude`. Otherwise a str, compiled regex,
+            layer class or callable `(path, layer) -> bool`, or a list of
+            them. A str matches a
             layer name, a path, a trailing part of a path
             (`"attention/query"`), or a glob on the path; a regex must
             fullmatch the path. Every entry must match some layer.
-        exclude: the same kinds as `targets`; matches are not adapted.
+        exclude: the same kinds as `targets` (`"all-linear"` too); matches
+            are not adapted. Every entry must match some layer.
         dropout: float in [0, 1), LoRA dropout. Defaults to `0.0`.
         use_rslora: bool, scale by `alpha / sqrt(rank)`. Defaults to `False`.
         rank_pattern: optional dict `{pattern: rank}` overriding `rank` per
@@ -390,15 +505,15 @@ def apply_lora(
             already has keras_lora layers.
         TypeError: a target matches a layer type keras_lora cannot adapt, or
             a pattern argument has the wrong type.
-        All checks run before anything is changed.
 
-    Example:
+    All checks run before anything is changed.
 
-    >>> import keras, keras_lora
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
-    >>> lora_model = keras_lora.apply_lora(model, rank=2)
-    >>> [w.name for w in lora_model.trainable_weights]
-    ['lora_a', 'lora_b']
+    Examples:
+        >>> import keras, keras_lora
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+        >>> lora_model = keras_lora.apply_lora(model, rank=2)
+        >>> [w.name for w in lora_model.trainable_weights]
+        ['lora_a', 'lora_b']
     """
     config = LoRAConfig(
         rank=rank,
@@ -425,7 +540,7 @@ def apply_lora(
     # selection, `trainable_layers` and carrying the plan to the clone.
     walked = list(iter_layers(model))
     stable = functools.cache(lambda: stable_path_of(model))
-    selected = _select(walked, stable, targets, exclude)
+    selected = _select(walked, stable, _expand_targets(model, targets), exclude)
     for argument, mapping in (
         ("rank_pattern", rank_pattern),
         ("alpha_pattern", alpha_pattern),

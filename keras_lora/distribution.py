@@ -90,15 +90,14 @@ def lora_layout_map(
         ValueError: if `model` contains no keras_lora layer, or the map
             already has a key equal to an adapter path with another layout.
 
-    Example:
-
-    ```python
-    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"))
-    base_map = keras_hub.models.GemmaBackbone.get_layout_map(mesh)
-    full_map = keras_lora.distribution.lora_layout_map(base_map, lora_model)
-    keras.distribution.set_distribution(
-        keras.distribution.ModelParallel(layout_map=full_map))
-    ```
+    Examples:
+        ```python
+        mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"))
+        base_map = keras_hub.models.GemmaBackbone.get_layout_map(mesh)
+        full_map = keras_lora.distribution.lora_layout_map(base_map, lora_model)
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(layout_map=full_map))
+        ```
     """
     if not isinstance(layout_map, keras.distribution.LayoutMap):
         raise TypeError(

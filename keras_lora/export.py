@@ -401,10 +401,12 @@ def export_saved_model(
             and its outputs must equal `model`'s (the LoRA model's) within
             `atol + rtol * max(|output|)` for each output, else
             `ExportError` is raised and nothing is written at `path`.
-        atol, rtol: float, tolerances of that check; defaults `1e-4`.
-            `rtol` is relative to each output's largest magnitude: merged
-            kernels round differently from the unmerged branches, by an
-            amount that scales with the output.
+        atol: float, the absolute tolerance of that check. Defaults to
+            `1e-4`.
+        rtol: float, the relative tolerance of that check, relative to
+            each output's largest magnitude: merged kernels round
+            differently from the unmerged branches, by an amount that
+            scales with the output. Defaults to `1e-4`.
         input_signature: optional structure of `keras.InputSpec` (or
             KerasTensors / arrays, whose batch axis is made dynamic), for
             models without functional inputs. Defaults to Keras's inference
@@ -432,14 +434,13 @@ def export_saved_model(
             stderr is in the message) or timed out, the SavedModel holds
             adapter variables, or the `check_inputs` outputs differ.
 
-    Example:
-
-    >>> lora_model = keras_lora.apply_lora(model, rank=4)  # doctest: +SKIP
-    >>> lora_model.fit(x, y)  # doctest: +SKIP
-    >>> keras_lora.export_saved_model(lora_model, "serving/1",
-    ...                               check_inputs=x[:8])  # doctest: +SKIP
-    >>> import tensorflow as tf  # doctest: +SKIP
-    >>> tf.saved_model.load("serving/1").serve(x[:8])  # doctest: +SKIP
+    Examples:
+        >>> lora_model = keras_lora.apply_lora(model, rank=4)  # doctest: +SKIP
+        >>> lora_model.fit(x, y)  # doctest: +SKIP
+        >>> keras_lora.export_saved_model(lora_model, "serving/1",
+        ...                               check_inputs=x[:8])  # doctest: +SKIP
+        >>> import tensorflow as tf  # doctest: +SKIP
+        >>> tf.saved_model.load("serving/1").serve(x[:8])  # doctest: +SKIP
     """
     start = time.perf_counter()
     if not isinstance(model, keras.Model):

@@ -92,13 +92,12 @@ def merge(model: keras.Model) -> keras.Model:
             float16 overflow; PEFT's `safe_merge`, always on), naming the
             layer path; nothing is changed.
 
-    Example:
-
-    >>> import keras, keras_lora
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
-    >>> plain = keras_lora.merge(keras_lora.apply_lora(model, rank=2))
-    >>> type(plain.layers[0]).__name__
-    'Dense'
+    Examples:
+        >>> import keras, keras_lora
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+        >>> plain = keras_lora.merge(keras_lora.apply_lora(model, rank=2))
+        >>> type(plain.layers[0]).__name__
+        'Dense'
     """
     layers = require_lora_layers(model, "merge")
     values = {}

@@ -111,10 +111,10 @@ def add_adapter(model, name, weights=None):
             do not match the model (listed, nothing added); a layer trains
             its bias.
 
-    Example:
-
-    >>> kl.multi.add_adapter(model, "fr", "fr.safetensors")  # doctest: +SKIP
-    >>> kl.multi.set_active_adapter(model, "french")  # doctest: +SKIP
+    Examples:
+        >>> kl.multi.add_adapter(
+        ...     model, "fr", "fr.safetensors")  # doctest: +SKIP
+        >>> kl.multi.set_active_adapter(model, "fr")  # doctest: +SKIP
     """
     _check_name(name)
     layers = named_layers(model, create=True)
@@ -298,10 +298,9 @@ def disable_adapters(model):
     Raises:
         ValueError: a layer is merged in place.
 
-    Example:
-
-    >>> with kl.multi.disable_adapters(model):  # doctest: +SKIP
-    ...     base_outputs = model(x)
+    Examples:
+        >>> with kl.multi.disable_adapters(model):  # doctest: +SKIP
+        ...     base_outputs = model(x)
     """
     layers = named_layers(model)
     for layer in layers.values():
@@ -462,20 +461,20 @@ def mixed_batch_call(model, inputs, adapter_ids, **kwargs):
         `adapter_ids[i]`. Under `jax.jit` (or `tf.function`) one compiled
         function serves every mix of adapters.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_lora
-    >>> inputs = keras.Input((3,))
-    >>> model = keras.Model(inputs, keras_lora.LoRADense(2, rank=1)(inputs))
-    >>> a, b = (np.ones(v.shape, "float32") for v in model.trainable_weights)
-    >>> path = keras_lora.lora_layers(model).popitem()[0]
-    >>> keras_lora.multi.add_adapter(
-    ...     model, "ones", {f"{path}.lora_a": a, f"{path}.lora_b": b})
-    >>> x = np.ones((2, 3), "float32")
-    >>> out = keras_lora.multi.mixed_batch_call(model, x, np.array([0, 1]))
-    >>> out = keras.ops.convert_to_numpy(out)
-    >>> (out[1] - out[0]).round(4).tolist()  # s * (x @ A) @ B = 3
-    [3.0, 3.0]
+    Examples:
+        >>> import keras, numpy as np, keras_lora
+        >>> inputs = keras.Input((3,))
+        >>> model = keras.Model(inputs, keras_lora.LoRADense(2, rank=1)(inputs))
+        >>> a, b = (
+        ...     np.ones(v.shape, "float32") for v in model.trainable_weights)
+        >>> path = keras_lora.lora_layers(model).popitem()[0]
+        >>> keras_lora.multi.add_adapter(
+        ...     model, "ones", {f"{path}.lora_a": a, f"{path}.lora_b": b})
+        >>> x = np.ones((2, 3), "float32")
+        >>> out = keras_lora.multi.mixed_batch_call(model, x, np.array([0, 1]))
+        >>> out = keras.ops.convert_to_numpy(out)
+        >>> (out[1] - out[0]).round(4).tolist()  # s * (x @ A) @ B = 3
+        [3.0, 3.0]
     """
     with mixed_batch(model, adapter_ids):
         return model(inputs, **kwargs)

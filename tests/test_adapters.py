@@ -284,3 +284,24 @@ def test_file_from_one_backend_loads_on_the_others(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.strip().endswith(backend)
         assert_close(np.load(out), expected)
+
+
+def test_saving_warns_when_other_weights_train(tmp_path):
+    """A new head trained with the adapters (`trainable_layers`) is not in
+    the adapter file: save_adapters says so, naming the layer; a model that
+    trains only adapters saves without a warning."""
+    import warnings
+
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(4, name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+    with_head = keras_lora.apply_lora(
+        model, rank=2, targets=["hidden"], trainable_layers=["head"]
+    )
+    with pytest.warns(UserWarning, match=r"\['head'\].*not in"):
+        keras_lora.save_adapters(with_head, str(tmp_path / "a.safetensors"))
+    only = keras_lora.apply_lora(model, rank=2, targets=["hidden"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keras_lora.save_adapters(only, str(tmp_path / "b.safetensors"))
+    assert not [w for w in caught if "save_adapters" in str(w.message)]

@@ -1,9 +1,12 @@
-"""Tests of the main job's pieces: data loading and split, option checks,
-bad data files, tokenization, and one quick end-to-end run of
-`keras-lora-finetune` in a subprocess."""
+"""Tests of the main job's pieces: data loading and split, option checks
+(before any backend import), output folders, bad data files,
+tokenization, per-step losses, `--targets` errors, quiet start-up, and one
+quick end-to-end run of `keras-lora-finetune` and its `predict` command in
+subprocesses."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,9 +16,10 @@ import pytest
 from numerics import assert_close
 from numerics import assert_diff_within
 
-from keras_lora.finetune import cli
-from keras_lora.finetune import data as kl_data
-from keras_lora.finetune.data import DataError
+from keras_lora_finetune import cli
+from keras_lora_finetune import data as kl_data
+from keras_lora_finetune import job
+from keras_lora_finetune.data import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -160,11 +164,19 @@ def test_infer_task():
         (["--epochs", "0"], "--epochs must be a positive integer"),
         (["--targets", ","], "--targets must be a comma-separated list"),
         (["--backend", "numpy"], "invalid choice: 'numpy'"),
-        (["--learning-rate", "2"], "--learning-rate must be below 1.0"),
+        (["--learning-rate", "2"], "--learning-rate must be below 1, got"),
         (["--data", "/nonexistent/x.csv"], "file not found"),
         (["--preset", "/nonexistent/model"], "folder not found"),
-        (["--min-gain", "-1"], "--min-gain must be >= 0"),
+        (["--min-gain", "-1"], "--min-gain must be a number >= 0"),
+        (["--min-gain", "5"], "--min-gain must be below 2"),
+        (["--rank", "5000"], "--rank must be at most 4096"),
+        (["--seed", "-1"], "--seed must be an integer from 0 to"),
+        (["--seq-len", "1"], "--seq-len must be an integer from 2"),
+        (["--max-train", "1"], "--max-train must be an integer >= 2, got"),
+        (["--exclude", "a,,b"], "--exclude must be a comma-separated list"),
         (["--output", ""], "must not be empty"),
+        (["predict", "--adapters", "/nonexistent.safetensors", "x"], "file"),
+        (["predict", "x"], "the following arguments are required"),
     ],
 )
 def test_bad_options_exit_2_with_one_clear_line(capsys, argv, match):
@@ -181,20 +193,181 @@ def test_output_folder_safety(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
     assert "not an earlier" in cli.check_output_dir(str(foreign))
+    assert "not an earlier" in cli.check_output_dir(str(foreign), True)
     a_file = tmp_path / "f"
     a_file.write_text("x")
     assert "not a folder" in cli.check_output_dir(str(a_file))
+    # A summary.json this command did not write does not make a run folder.
+    lookalike = tmp_path / "lookalike"
+    lookalike.mkdir()
+    (lookalike / cli.SUMMARY_FILE).write_text("{}")
+    (lookalike / "important.txt").write_text("keep")
+    assert "not an earlier" in cli.check_output_dir(str(lookalike), True)
     earlier = tmp_path / "run"
     earlier.mkdir()
-    (earlier / cli.SUMMARY_FILE).write_text("{}")
-    assert cli.check_output_dir(str(earlier)) is None
+    (earlier / cli.SUMMARY_FILE).write_text(json.dumps({"tool": cli.PROG}))
+    assert "pass --overwrite" in cli.check_output_dir(str(earlier))
+    assert cli.check_output_dir(str(earlier), overwrite=True) is None
     assert cli.check_output_dir(str(tmp_path / "new" / "deeper")) is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.check_output_dir(str(empty)) is None
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    earlier = tmp_path / "run"
+    earlier.mkdir()
+    (earlier / cli.SUMMARY_FILE).write_text(json.dumps({"tool": cli.PROG}))
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--output", str(earlier)])
+    assert "--output:" in capsys.readouterr().err
+    args = cli.parse_args(["--output", str(earlier), "--overwrite"])
+    assert args.output == str(earlier) and args.overwrite
+
+
+def test_default_output_is_per_backend_and_time(tmp_path, monkeypatch):
+    import datetime
+
+    monkeypatch.chdir(tmp_path)
+    now = datetime.datetime(2026, 12, 2, 7, 5, 9)
+    first = cli.default_output("jax", now)
+    assert first == os.path.join("runs", "finetune", "jax-20261202-070509")
+    os.makedirs(first)
+    # The same second again: a new folder, never the earlier run's.
+    assert cli.default_output("jax", now) == first + "-2"
+    assert cli.default_output("torch", now).endswith("torch-20261202-070509")
+    args = cli.parse_args(["--backend", "torch"])
+    assert args.output.startswith(os.path.join("runs", "finetune", "torch-"))
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert cli.parse_args([]).output.startswith(
+        os.path.join("runs", "finetune", "jax-")
+    )
+
+
+def test_options_and_help_import_no_backend():
+    """`--help`, a bad option and a full parse finish before Keras or a
+    backend is imported (the command answers at once)."""
+    code = (
+        "import sys\n"
+        "from keras_lora_finetune import cli\n"
+        "cli.parse_args(['--rank', '4', '--targets', 'query', '--output', "
+        "'o'])\n"
+        "for argv in (['--help'], ['--rank', '0'], ['predict', '--help']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = [m for m in ('keras', 'tensorflow', 'jax', 'torch', "
+        "'keras_hub', 'keras_lora', 'numpy') if m in sys.modules]\n"
+        "print('IMPORTED', heavy)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "IMPORTED []" in result.stdout, result.stdout[-500:]
+    assert "usage: keras-lora-finetune predict" in result.stdout
+    assert "--rank must be a positive integer" in result.stderr
+
+
+def test_all_linear_targets_every_projection_but_the_head():
+    """`--targets all-linear` on the command's own model (backbone, mean
+    pooling, `head`, rescaling): every Dense / EinsumDense of the backbone,
+    not the head, which trains whole."""
+    import keras_hub
+
+    import keras_lora
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=30,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=6,
+    )
+    model = job.build_model(backbone, "regression", 0, 0.5, 2.0)
+    args = cli.parse_args(["--targets", "all-linear", "--output", "x"])
+    selected = keras_lora.select_targets(model, args.targets)
+    linear = [
+        path
+        for path, layer in keras_lora.iter_layers(model)
+        if isinstance(layer, keras.layers.Dense | keras.layers.EinsumDense)
+    ]
+    assert "head" in linear
+    assert sorted(selected) == sorted(p for p in linear if p != "head")
 
 
 def test_targets_option_splits_names():
-    args = cli.parse_args(["--targets", "query, value", "--output", "x"])
+    args = cli.parse_args(
+        ["--targets", "query, value", "--exclude", "layer_0", "--output", "x"]
+    )
     assert args.targets == ["query", "value"]
+    assert args.exclude == ["layer_0"]
     assert args.rank == 8 and args.alpha is None
+
+
+def test_unmatched_targets_error_lists_layers_one_per_line():
+    import keras_hub
+
+    import keras_lora
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=30,
+        num_layers=3,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=6,
+    )
+    with pytest.raises(ValueError) as info:
+        keras_lora.select_targets(backbone, ["nope"])
+    message = job.targets_error(info.value)
+    lines = message.splitlines()
+    assert lines[0].startswith("--targets: These `targets` match no layer")
+    assert "'nope'" in lines[0] and "[" not in lines[0]
+    paths = [path for path, _ in keras_lora.iter_layers(backbone)]
+    assert lines[1].strip().endswith("layers can be adapted:")
+    listed = [ln.strip() for ln in lines[2:14]]
+    assert len(listed) == 12 and all(p in paths for p in listed)
+    assert "... and" in message and "more" in message
+    assert max(len(ln) for ln in lines) < 120
+
+
+def test_step_losses_recover_each_batch_loss():
+    """Per-step losses from Keras's running mean equal each batch's own
+    loss (NumPy oracle: learning rate 0, so the weights never change;
+    7 examples in batches of 3 leave a short last batch)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 3)).astype("float32")
+    y = rng.normal(size=(7, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.weights)
+    losses, ends = [], []
+    epochs_seen = []
+    track = job.track_training(
+        7, 3, losses, ends, on_epoch=lambda e, m: epochs_seen.append(e)
+    )
+    model.fit(
+        x,
+        y,
+        batch_size=3,
+        epochs=2,
+        shuffle=False,
+        callbacks=[track],
+        verbose=0,
+    )
+    oracle = [
+        float(np.mean((x[i : i + 3] @ kernel + bias - y[i : i + 3]) ** 2))
+        for i in (0, 3, 6)
+    ]
+    assert_close(np.array(losses), np.array(oracle * 2))
+    assert ends == [3, 6] and epochs_seen == [0, 1]
 
 
 def test_bad_data_file_fails_before_loading_and_writes_nothing(
@@ -214,9 +387,9 @@ def test_bad_data_file_fails_before_loading_and_writes_nothing(
 def test_tokenize_packs_cls_sep_and_truncates():
     import keras_hub
 
-    vocab = os.path.join(cli.default_preset(), "vocab.txt")
+    vocab = os.path.join(job.default_preset(), "vocab.txt")
     tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocab, lowercase=True)
-    ids, mask = cli.tokenize(tokenizer, ["Good", "very very very bad"], 5)
+    ids, mask = job.tokenize(tokenizer, ["Good", "very very very bad"], 5)
     good = tokenizer.token_to_id("good")
     very = tokenizer.token_to_id("very")
     assert ids.dtype == np.int32 and mask.dtype == np.int32
@@ -237,10 +410,10 @@ def test_model_head_and_scores_on_a_tiny_bert():
         intermediate_dim=16,
         max_sequence_length=6,
     )
-    model = cli.build_model(backbone, "regression", 0, 1.5, 2.0)
+    model = job.build_model(backbone, "regression", 0, 1.5, 2.0)
     ids = np.array([[1, 2, 3, 0, 0, 0], [4, 5, 0, 0, 0, 0]], "int32")
     mask = (ids > 0).astype("int32")
-    x = cli.model_inputs(backbone, ids, mask)
+    x = job.model_inputs(backbone, ids, mask)
     assert set(x) == {"token_ids", "padding_mask", "segment_ids"}
     out = keras.ops.convert_to_numpy(model(x))
     # Output = std * head(mean of unpadded tokens) + mean (NumPy oracle).
@@ -249,12 +422,61 @@ def test_model_head_and_scores_on_a_tiny_bert():
     head = model.get_layer("head")
     kernel, bias = (keras.ops.convert_to_numpy(w) for w in head.weights)
     assert_close(out, 2.0 * (pooled @ kernel + bias) + 1.5)
-    scores, pred = cli.evaluate(
+    scores, pred = job.evaluate(
         model, x, np.array([1.0, 2.0], "float32"), "regression"
     )
     assert set(scores) == {"score", "pearson_r", "mae"}
     assert abs(scores["pearson_r"]) == pytest.approx(1.0)  # two points
     assert pred.shape == (2,)
+
+
+def _noise(stderr):
+    """Start-up and runtime log lines a user would read as errors."""
+    needles = (
+        "absl::InitializeLog",
+        "cuda",
+        "cuInit",
+        "oneDNN",
+        "cpu_feature_guard",
+        "retracing",
+        "xla_bridge",
+        "I0000",
+        "E0000",
+        "W0000",
+    )
+    return [ln for ln in stderr.splitlines() if any(n in ln for n in needles)]
+
+
+def test_backend_start_up_is_quiet():
+    """Importing the backend, training and merging print nothing to stderr
+    on this backend (with `--verbose` the backend's own lines return)."""
+    code = (
+        "from keras_lora_finetune import cli\n"
+        "cli.quiet_environment()\n"
+        "cli.import_backend(verbose=False)\n"
+        "import keras, numpy as np, keras_lora\n"
+        "m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, "
+        "name='d')])\n"
+        "m = keras_lora.apply_lora(m, rank=2, targets=['d'])\n"
+        "m.compile(optimizer='adam', loss='mse')\n"
+        "m.fit(np.ones((8, 4)), np.ones((8, 4)), verbose=0)\n"
+        "keras_lora.merge(m).predict(np.ones((2, 4)), verbose=0)\n"
+        "print('OK')\n"
+    )
+    env = dict(os.environ)
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "ABSL_MIN_LOG_LEVEL"):
+        env.pop(name, None)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
+    assert result.stderr == "", result.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -271,7 +493,7 @@ def test_quick_run_end_to_end_in_a_subprocess(tmp_path):
         [
             sys.executable,
             "-m",
-            "keras_lora.finetune.cli",
+            "keras_lora_finetune",
             "--quick",
             "--backend",
             "tensorflow",
@@ -308,3 +530,78 @@ def test_quick_run_end_to_end_in_a_subprocess(tmp_path):
     ):
         assert (out / name).exists(), name
     assert "[12/12]" in result.stdout
+    assert _noise(result.stderr) == [], result.stderr[-3000:]
+    # Per-step losses, and the held-out score before and after each epoch.
+    assert len(summary["loss_history"]) == summary["epochs"] * 12
+    assert summary["held_out_curve"][0] == [
+        0,
+        summary["held_out_before"]["score"],
+    ]
+    assert summary["held_out_curve"][-1] == [
+        12,
+        summary["held_out_after"]["score"],
+    ]
+    markdown = (out / "summary.md").read_text()
+    assert "| 0 (before) | 0 |" in markdown
+    examples = summary["examples"]
+    assert len(examples) == 8
+    assert all(f"| {e['text']} | {e['label']} |" in markdown for e in examples)
+    # `predict` rebuilds the model from the base and the adapter file and
+    # gives the trained model's predictions for the same texts.
+    predicted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keras_lora_finetune",
+            "predict",
+            "--backend",
+            "tensorflow",
+            "--adapters",
+            str(out / "adapters.safetensors"),
+            *[e["text"] for e in examples],
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert predicted.stderr == "", predicted.stderr[-3000:]
+    assert predicted.stdout.splitlines() == [
+        f"{e['after']}\t{e['text']}" for e in examples
+    ]
+    assert summary["times_s"]["fit"] > 0
+    assert f"{summary['times_s']['fit']:.0f} s" in markdown
+    # An adapter file that is not the run's own is refused.
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    with open(other / "adapters.safetensors", "ab") as f:
+        f.write(b" ")
+    mixed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keras_lora_finetune",
+            "predict",
+            "--adapters",
+            str(other / "adapters.safetensors"),
+            "good",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert mixed.returncode == 2
+    assert "is not the adapter file of the run" in mixed.stderr
+    # A second run into the same folder is refused without --overwrite.
+    again = subprocess.run(
+        [sys.executable, "-m", "keras_lora_finetune", "--output", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 2 and "--overwrite" in again.stderr

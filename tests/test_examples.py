@@ -92,6 +92,6 @@ def test_zen_tokenizer_has_gemma_special_tokens():
 
 def test_finetune_minilm_is_the_cli():
     example = _load("finetune_minilm")
-    from keras_lora.finetune import cli
+    from keras_lora_finetune import cli
 
     assert example.main is cli.main

@@ -1,9 +1,11 @@
 """The claims the README's comparison table makes about Keras's built-in
 LoRA, checked against the installed Keras (the keras_lora column's claims
-are tested where the feature is: test_layers_common, test_apply,
-test_hub_backbones, test_merge, test_adapters, test_export)."""
+are tested where the feature is; the table's last column names those tests,
+and `test_every_row_names_tests_that_exist` checks that they exist)."""
 
 import inspect
+import pathlib
+import re
 
 import keras
 import numpy as np
@@ -51,3 +53,30 @@ def test_keras_lora_keras_reload_re_zeroes_the_adapter(tmp_path):
     assert_exact(to_numpy(loaded.lora_kernel_b), np.zeros((2, 4), "float32"))
     # The update lives on only folded into the kernel.
     assert_close(to_numpy(loaded(x)), expected)
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_every_row_names_tests_that_exist():
+    """Each row of the comparison table names, in its "shown by" column,
+    tests (`tests/file.py::test_name`) or files that show its keras_lora
+    claim, and every one of them exists."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## What it does that the alternatives don't")[1]
+    lines = section.split("\n## ")[0].splitlines()
+    header, _, *rows = [line for line in lines if line.startswith("|")]
+    assert header.rstrip(" |").endswith("shown by"), header
+    assert len(rows) >= 10, rows
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        assert cells[4], f"no keras_lora claim: {row}"
+        references = re.findall(r"`([\w./-]+)(?:::(\w+))?`", cells[-1])
+        assert references, f"the row names no test: {row}"
+        for path, test in references:
+            source = ROOT / path
+            assert source.is_file(), f"{cells[0]}: no file {path}"
+            if test:
+                assert f"def {test}(" in source.read_text(encoding="utf-8"), (
+                    f"{cells[0]}: no {test} in {path}"
+                )

@@ -648,10 +648,15 @@ class LoRALayer:
         Args:
             layer: a built layer of `cls.base_class` (or a subclass that
                 does not change its computation).
-            rank, alpha, dropout, use_rslora, train_bias: as in the
-                constructor.
-            lora_a_initializer, lora_b_initializer: as in the constructor;
-                `None` takes the constructor's default.
+            rank: as in the constructor.
+            alpha: as in the constructor.
+            dropout: as in the constructor.
+            use_rslora: as in the constructor.
+            lora_a_initializer: as in the constructor; `None` takes the
+                constructor's default.
+            lora_b_initializer: as in the constructor; `None` takes the
+                constructor's default.
+            train_bias: as in the constructor.
 
         Returns:
             A built LoRA layer with the same config, name and dtype policy.

@@ -74,11 +74,10 @@ class LoRAConfig:
             [0, 1).
         TypeError: `use_rslora` or `train_bias` is not a bool.
 
-    Example:
-
-    >>> from keras_lora.layers.config import LoRAConfig
-    >>> LoRAConfig(rank=4, alpha=8).scaling
-    2.0
+    Examples:
+        >>> from keras_lora.layers.config import LoRAConfig
+        >>> LoRAConfig(rank=4, alpha=8).scaling
+        2.0
     """
 
     rank: int = 8

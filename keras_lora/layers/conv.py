@@ -23,14 +23,15 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
     (Hu et al. 2021, arXiv:2106.09685, eq. 3, with the kernel read as a
     (kh * kw * in_channels // groups) x filters matrix).
 
+    `filters`, `kernel_size`, `strides`, `padding`, `data_format`,
+    `dilation_rate`, `groups`, `activation`, `use_bias`,
+    `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
+    `bias_regularizer`, `activity_regularizer`, `kernel_constraint` and
+    `bias_constraint` are as in `keras.layers.Conv2D`; the LoRA arguments
+    (`rank`, `alpha`, `dropout`, `use_rslora`, `lora_a_initializer`,
+    `lora_b_initializer`, `train_bias`) are as in `keras_lora.LoRADense`.
+
     Args:
-        filters, kernel_size, strides, padding, data_format, dilation_rate,
-            groups, activation, use_bias, kernel_initializer,
-            bias_initializer, kernel_regularizer, bias_regularizer,
-            activity_regularizer, kernel_constraint, bias_constraint: as in
-            `keras.layers.Conv2D`.
-        rank, alpha, dropout, use_rslora, lora_a_initializer,
-            lora_b_initializer, train_bias: as in `keras_lora.LoRADense`.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Input shape:
@@ -43,13 +44,12 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
     Raises:
         ValueError: a LoRA argument is invalid (see `LoRADense`).
 
-    Example:
-
-    >>> import numpy as np
-    >>> import keras_lora
-    >>> layer = keras_lora.LoRAConv2D(5, 3, rank=2)
-    >>> tuple(layer(np.ones((1, 7, 7, 4), "float32")).shape)
-    (1, 5, 5, 5)
+    Examples:
+        >>> import numpy as np
+        >>> import keras_lora
+        >>> layer = keras_lora.LoRAConv2D(5, 3, rank=2)
+        >>> tuple(layer(np.ones((1, 7, 7, 4), "float32")).shape)
+        (1, 5, 5, 5)
     """
 
     base_class = keras.layers.Conv2D

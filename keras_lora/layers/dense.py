@@ -21,14 +21,16 @@ class LoRADense(LoRALayer, keras.layers.Dense):
     `A @ B` is never formed in the forward pass. B starts at zero, so a new
     layer computes exactly what the plain `Dense` computes.
 
+    `activation`, `use_bias`, `kernel_initializer`, `bias_initializer`,
+    `kernel_regularizer`, `bias_regularizer`, `activity_regularizer`,
+    `kernel_constraint` and `bias_constraint` are as in
+    `keras.layers.Dense`. The LoRA arguments (`rank`, `alpha`, `dropout`,
+    `use_rslora`, `lora_a_initializer`, `lora_b_initializer`,
+    `train_bias`) are keyword-only, validated together as a
+    `keras_lora.layers.config.LoRAConfig`.
+
     Args:
         units: Positive integer, dimensionality of the output space.
-        activation, use_bias, kernel_initializer, bias_initializer,
-            kernel_regularizer, bias_regularizer, activity_regularizer,
-            kernel_constraint, bias_constraint: as in `keras.layers.Dense`.
-        rank, alpha, dropout, use_rslora, lora_a_initializer,
-            lora_b_initializer, train_bias: keyword-only, validated
-            together as a `keras_lora.layers.config.LoRAConfig`.
         rank: Positive int, the rank r of the update. Defaults to `8`.
         alpha: Positive float or `None`, the LoRA alpha. `None` (default)
             means `alpha = rank` (scaling 1.0).
@@ -57,15 +59,14 @@ class LoRADense(LoRALayer, keras.layers.Dense):
     A rank larger than `min(input_dim, units)` is allowed and warns that it
     gives no compression. Adapters are float32 under every dtype policy.
 
-    Example:
-
-    >>> import numpy as np
-    >>> import keras_lora
-    >>> layer = keras_lora.LoRADense(4, rank=2, alpha=4)
-    >>> tuple(layer(np.ones((2, 3), "float32")).shape)
-    (2, 4)
-    >>> [w.name for w in layer.trainable_weights]
-    ['lora_a', 'lora_b']
+    Examples:
+        >>> import numpy as np
+        >>> import keras_lora
+        >>> layer = keras_lora.LoRADense(4, rank=2, alpha=4)
+        >>> tuple(layer(np.ones((2, 3), "float32")).shape)
+        (2, 4)
+        >>> [w.name for w in layer.trainable_weights]
+        ['lora_a', 'lora_b']
     """
 
     base_class = keras.layers.Dense

@@ -105,15 +105,16 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     `(tokens, d_in)`; other layouts use two einsums. `A @ B` is never
     formed.
 
+    `output_shape`, `activation`, `bias_axes`, `kernel_initializer`,
+    `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
+    `activity_regularizer`, `kernel_constraint` and `bias_constraint` are
+    as in `keras.layers.EinsumDense`; the LoRA arguments (`rank`, `alpha`,
+    `dropout`, `use_rslora`, `lora_a_initializer`, `lora_b_initializer`,
+    `train_bias`) are as in `keras_lora.LoRADense`.
+
     Args:
         equation: str, as in `keras.layers.EinsumDense`. Kernels with an axis
             both contracted and kept (batched kernels) are refused.
-        output_shape, activation, bias_axes, kernel_initializer,
-            bias_initializer, kernel_regularizer, bias_regularizer,
-            activity_regularizer, kernel_constraint, bias_constraint: as in
-            `keras.layers.EinsumDense`.
-        rank, alpha, dropout, use_rslora, lora_a_initializer,
-            lora_b_initializer, train_bias: as in `keras_lora.LoRADense`.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Input shape / output shape:
@@ -123,14 +124,13 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         ValueError: a LoRA argument is invalid (see `LoRADense`) or the
             `equation` cannot be factored; raised by the constructor.
 
-    Example:
-
-    >>> import numpy as np
-    >>> import keras_lora
-    >>> layer = keras_lora.LoRAEinsumDense(
-    ...     "btd,ndh->btnh", output_shape=(None, 2, 4), rank=2)
-    >>> tuple(layer(np.ones((1, 3, 8), "float32")).shape)
-    (1, 3, 2, 4)
+    Examples:
+        >>> import numpy as np
+        >>> import keras_lora
+        >>> layer = keras_lora.LoRAEinsumDense(
+        ...     "btd,ndh->btnh", output_shape=(None, 2, 4), rank=2)
+        >>> tuple(layer(np.ones((1, 3, 8), "float32")).shape)
+        (1, 3, 2, 4)
     """
 
     base_class = keras.layers.EinsumDense

@@ -162,13 +162,12 @@ _EMBEDDING_DOC = """
 class LoRAEmbedding(_EmbeddingLoRA, keras.layers.Embedding):
     """An `Embedding` layer whose frozen table is adapted by LoRA.
     {embedding}
-    Example:
-
-    >>> import numpy as np
-    >>> import keras_lora
-    >>> layer = keras_lora.LoRAEmbedding(50, 8, rank=2, mask_zero=True)
-    >>> tuple(layer(np.array([[1, 2, 0]])).shape)
-    (1, 3, 8)
+    Examples:
+        >>> import numpy as np
+        >>> import keras_lora
+        >>> layer = keras_lora.LoRAEmbedding(50, 8, rank=2, mask_zero=True)
+        >>> tuple(layer(np.array([[1, 2, 0]])).shape)
+        (1, 3, 8)
     """
 
     base_class = keras.layers.Embedding
@@ -190,13 +189,12 @@ class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
     (rank, input_dim): `x @ R + s * (x @ A_r) @ B_r`. `reverse_dtype` and
     `logit_soft_cap` apply as in the base layer.
 
-    Example:
-
-    >>> import numpy as np
-    >>> import keras_lora
-    >>> layer = keras_lora.LoRAReversibleEmbedding(50, 8, rank=2)
-    >>> tuple(layer(np.ones((1, 8), "float32"), reverse=True).shape)
-    (1, 50)
+    Examples:
+        >>> import numpy as np
+        >>> import keras_lora
+        >>> layer = keras_lora.LoRAReversibleEmbedding(50, 8, rank=2)
+        >>> tuple(layer(np.ones((1, 8), "float32"), reverse=True).shape)
+        (1, 50)
     """
 
     base_class = keras.layers.ReversibleEmbedding

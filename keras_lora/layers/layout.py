@@ -141,16 +141,15 @@ def adapter_layout(layer, adapter_name, base_layout=None):
         not divide the mesh axis size are replicated. `None` if the name is
         not one of the layer's adapters or no base layout is known.
 
-    Example:
-
-    ```python
-    mesh = keras.distribution.DeviceMesh((1, 2), ("batch", "model"))
-    kernel = keras.distribution.TensorLayout((None, "model"), mesh)
-    layer = keras_lora.LoRADense(8, rank=3)
-    layer.build((2, 4))
-    adapter_layout(layer, "lora_a", kernel).axes  # (None, None)
-    adapter_layout(layer, "lora_b", kernel).axes  # (None, "model")
-    ```
+    Examples:
+        ```python
+        mesh = keras.distribution.DeviceMesh((1, 2), ("batch", "model"))
+        kernel = keras.distribution.TensorLayout((None, "model"), mesh)
+        layer = keras_lora.LoRADense(8, rank=3)
+        layer.build((2, 4))
+        adapter_layout(layer, "lora_a", kernel).axes  # (None, None)
+        adapter_layout(layer, "lora_b", kernel).axes  # (None, "model")
+        ```
     """
     shapes = {}
     for a_name, b_name, a_shape, b_shape in layer.lora_shapes():
