@@ -142,9 +142,9 @@ def output_heads(model):
     return heads
 
 
-def _expand_targets(model, targets, argument="targets"):
+def _expand_targets(model, layers, targets, argument="targets"):
     """`targets` (or `exclude`) with `"all-linear"` replaced by its
-    selector."""
+    selector; `layers` are the model's `iter_layers` pairs."""
     if isinstance(targets, str):
         entries = [targets]
     elif isinstance(targets, collections.abc.Iterable) and not isinstance(
@@ -157,7 +157,7 @@ def _expand_targets(model, targets, argument="targets"):
         return entries
     heads = output_heads(model)
     selector = _AllLinear({id(h) for h in heads})
-    if not any(selector(p, lay) for p, lay in iter_layers(model)):
+    if not any(selector(p, lay) for p, lay in layers):
         raise ValueError(
             f"`{argument}='{ALL_LINEAR}'` selects nothing: every Dense and "
             f"EinsumDense layer of the model is an output head "
@@ -265,19 +265,37 @@ def select_targets(
             layer keras_lora cannot adapt.
     """
     return _select(
+        model,
         list(iter_layers(model)),
         functools.cache(lambda: stable_path_of(model)),
-        _expand_targets(model, targets),
-        _expand_targets(model, exclude, "exclude"),
+        targets,
+        exclude,
     )
 
 
-def _select(layers, stable, targets, exclude):
+def _unmatched(entries, layers, what, adaptable):
+    """Raises if an entry of `entries` matches none of `layers`."""
+    idle = [
+        e for e in entries if not any(_matches(e, p, lay) for p, lay in layers)
+    ]
+    if idle:
+        raise ValueError(
+            f"These {what} match no layer of the model: "
+            f"{', '.join(_describe(e) for e in idle)}. Layer paths that can "
+            f"be adapted: {[p for p, _ in adaptable]}"
+        )
+
+
+def _select(model, layers, stable, targets, exclude):
     """`select_targets` over a walk already made: `layers`, the
-    `iter_layers` pairs, and `stable()`, `stable_path_of` of the model
-    (called only when needed)."""
-    targets = _as_pattern_list(targets, "targets")
-    exclude = _as_pattern_list(exclude, "exclude")
+    `iter_layers` pairs of `model`, and `stable()`, `stable_path_of` of the
+    model (called only when needed)."""
+    targets = _as_pattern_list(
+        _expand_targets(model, layers, targets), "targets"
+    )
+    exclude = _as_pattern_list(
+        _expand_targets(model, layers, exclude, "exclude"), "exclude"
+    )
     already = [p for p, lay in layers if isinstance(lay, LoRALayer)]
     if already:
         raise ValueError(
@@ -297,17 +315,7 @@ def _select(layers, stable, targets, exclude):
             if lora_class_for(lay) in (LoRADense, LoRAEinsumDense, LoRAConv2D)
         ]
     else:
-        unmatched = [
-            t
-            for t in targets
-            if not any(_matches(t, p, lay) for p, lay in layers)
-        ]
-        if unmatched:
-            raise ValueError(
-                "These `targets` match no layer of the model: "
-                f"{', '.join(_describe(t) for t in unmatched)}. Layer paths "
-                f"that can be adapted: {[p for p, _ in adaptable]}"
-            )
+        _unmatched(targets, layers, "`targets`", adaptable)
         selected = [
             (p, lay)
             for p, lay in layers
@@ -325,17 +333,7 @@ def _select(layers, stable, targets, exclude):
                 f"{wrong}"
             )
     if exclude is not None:
-        idle = [
-            e
-            for e in exclude
-            if not any(_matches(e, p, lay) for p, lay in layers)
-        ]
-        if idle:
-            raise ValueError(
-                "These `exclude` entries match no layer of the model: "
-                f"{', '.join(_describe(e) for e in idle)}. Layer paths that "
-                f"can be adapted: {[p for p, _ in adaptable]}"
-            )
+        _unmatched(exclude, layers, "`exclude` entries", adaptable)
         selected = [
             (p, lay)
             for p, lay in selected
@@ -540,7 +538,7 @@ def apply_lora(
     # selection, `trainable_layers` and carrying the plan to the clone.
     walked = list(iter_layers(model))
     stable = functools.cache(lambda: stable_path_of(model))
-    selected = _select(walked, stable, _expand_targets(model, targets), exclude)
+    selected = _select(model, walked, stable, targets, exclude)
     for argument, mapping in (
         ("rank_pattern", rank_pattern),
         ("alpha_pattern", alpha_pattern),

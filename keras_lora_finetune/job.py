@@ -99,13 +99,16 @@ def token_lengths(tokenizer, texts, special=False):
     pieces = tokenizer(list(texts))
     if hasattr(pieces, "to_list"):
         pieces = pieces.to_list()
-    extra = 0
-    if special:
-        extra = sum(
-            getattr(tokenizer, a, None) is not None
-            for a in ("start_token_id", "end_token_id")
-        )
+    extra = special_token_count(tokenizer) if special else 0
     return [len(p) + extra for p in pieces]
+
+
+def special_token_count(tokenizer):
+    """How many of a start and an end token `tokenize` adds (0, 1 or 2)."""
+    return sum(
+        getattr(tokenizer, a, None) is not None
+        for a in ("start_token_id", "end_token_id")
+    )
 
 
 def model_inputs(backbone, ids, mask):
@@ -337,10 +340,7 @@ def run(args):
                 f"max_sequence_length), got {args.seq_len}"
             )
         lengths = token_lengths(tokenizer, train.texts + test.texts)
-        start_end = sum(
-            getattr(tokenizer, a, None) is not None
-            for a in ("start_token_id", "end_token_id")
-        )
+        start_end = special_token_count(tokenizer)
         # The 99th percentile length: the longest 1 % are truncated.
         p99 = int(np.ceil(np.percentile(lengths, 99)))
         seq_len = args.seq_len or min(128, p99 + start_end, limit or 128)

@@ -169,3 +169,7 @@ def test_all_linear_selecting_nothing_and_other_spellings():
     assert list(kl.select_targets(model, ["out", "a"], "all-linear")) == ["out"]
     with pytest.raises(ValueError, match="`exclude` entries match no layer"):
         kl.select_targets(model, "all-linear", exclude="nope")
+    lora_model = kl.apply_lora(
+        model, targets=["out", "a"], exclude="all-linear"
+    )
+    assert sorted(kl.lora_layers(lora_model)) == ["out"]

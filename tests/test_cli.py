@@ -479,6 +479,18 @@ def test_backend_start_up_is_quiet():
     assert result.stderr == "", result.stderr[-3000:]
 
 
+def _cli(*argv, env=None, timeout=300):
+    """Runs `python -m keras_lora_finetune ARGV` from the repo root."""
+    return subprocess.run(
+        [sys.executable, "-m", "keras_lora_finetune", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.mark.slow
 def test_quick_run_end_to_end_in_a_subprocess(tmp_path):
     """The main job in `--quick` mode on real MiniLM weights and VADER data:
@@ -489,21 +501,13 @@ def test_quick_run_end_to_end_in_a_subprocess(tmp_path):
         pytest.skip("the quick CLI run is covered once, in the TF suite")
     out = tmp_path / "run"
     env = dict(os.environ, KERAS_BACKEND="jax")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keras_lora_finetune",
-            "--quick",
-            "--backend",
-            "tensorflow",
-            "--output",
-            str(out),
-        ],
-        cwd=REPO,
+    result = _cli(
+        "--quick",
+        "--backend",
+        "tensorflow",
+        "--output",
+        str(out),
         env=env,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -548,23 +552,14 @@ def test_quick_run_end_to_end_in_a_subprocess(tmp_path):
     assert all(f"| {e['text']} | {e['label']} |" in markdown for e in examples)
     # `predict` rebuilds the model from the base and the adapter file and
     # gives the trained model's predictions for the same texts.
-    predicted = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keras_lora_finetune",
-            "predict",
-            "--backend",
-            "tensorflow",
-            "--adapters",
-            str(out / "adapters.safetensors"),
-            *[e["text"] for e in examples],
-        ],
-        cwd=REPO,
+    predicted = _cli(
+        "predict",
+        "--backend",
+        "tensorflow",
+        "--adapters",
+        str(out / "adapters.safetensors"),
+        *[e["text"] for e in examples],
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert predicted.stderr == "", predicted.stderr[-3000:]
@@ -578,30 +573,15 @@ def test_quick_run_end_to_end_in_a_subprocess(tmp_path):
     shutil.copytree(out, other)
     with open(other / "adapters.safetensors", "ab") as f:
         f.write(b" ")
-    mixed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keras_lora_finetune",
-            "predict",
-            "--adapters",
-            str(other / "adapters.safetensors"),
-            "good",
-        ],
-        cwd=REPO,
+    mixed = _cli(
+        "predict",
+        "--adapters",
+        str(other / "adapters.safetensors"),
+        "good",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert mixed.returncode == 2
     assert "is not the adapter file of the run" in mixed.stderr
     # A second run into the same folder is refused without --overwrite.
-    again = subprocess.run(
-        [sys.executable, "-m", "keras_lora_finetune", "--output", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    again = _cli("--output", str(out), timeout=60)
     assert again.returncode == 2 and "--overwrite" in again.stderr
