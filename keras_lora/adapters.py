@@ -36,6 +36,8 @@ from keras_lora.banks import banks_of
 from keras_lora.banks import named_layers
 from keras_lora.banks import zero_b
 from keras_lora.layers import LoRALayer
+from keras_lora.processes import is_main_process
+from keras_lora.processes import process_count
 from keras_lora.saving import base_class_of
 from keras_lora.walk import is_weighted_leaf
 from keras_lora.walk import iter_layers
@@ -232,6 +234,13 @@ def save_adapters(
     them written by default, with their alpha and rsLoRA flags and which one
     is active; `load_adapters` restores them under their own names.
 
+    In a multi-process run (`keras_lora.processes.process_count() > 1`:
+    JAX after `keras.distribution.initialize`, TensorFlow workers with
+    `TF_CONFIG`, a torch process group) call it on every process with the
+    same `path`: adapters sharded across processes are gathered (JAX), only
+    process 0 writes the file, and on JAX every process returns once it is
+    written.
+
     Args:
         model: a model holding keras_lora layers (from `apply_lora`, or
             built with LoRA layers).
@@ -285,7 +294,13 @@ def save_adapters(
             "active_adapter": active if active in names else None,
             "adapters": [{"name": n, "config": c} for n, _, c in states],
         }
+    if not is_main_process():
+        # Multi-process run: every process gathered the arrays above (a
+        # collective where they span processes); process 0 writes.
+        _wait_for_writer()
+        return config
     save_file(tensors, path, metadata={CONFIG_KEY: json.dumps(config)})
+    _wait_for_writer()
     trained_elsewhere = [
         p
         for p, lay in iter_layers(model)
@@ -303,6 +318,15 @@ def save_adapters(
             stacklevel=2,
         )
     return config
+
+
+def _wait_for_writer():
+    """In a multi-process JAX run, holds every process until process 0 has
+    written (so a process may read the file right after); else a no-op."""
+    if process_count() > 1 and keras.backend.backend() == "jax":
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("keras_lora.save_adapters")
 
 
 def split_adapters(tensors, config, path="the file"):

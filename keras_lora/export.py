@@ -32,6 +32,8 @@ import numpy as np
 
 from keras_lora.layers import LoRALayer
 from keras_lora.merge import merge
+from keras_lora.processes import process_count
+from keras_lora.processes import process_index
 from keras_lora.walk import iter_layers
 from keras_lora.walk import to_numpy
 
@@ -426,9 +428,11 @@ def export_saved_model(
     Raises:
         TypeError: `model` is not a `keras.Model`, or `path` / `overwrite`
             have the wrong type.
-        ValueError: `model` is not built; `path` is empty, is a file, or its
-            parent cannot be created or written; `method` is unknown, or
-            `"in-process"` on a backend other than TensorFlow.
+        ValueError: `model` is not built; this is a multi-process run
+            (`keras_lora.processes.process_count() > 1`); `path` is empty,
+            is a file, or its parent cannot be created or written;
+            `method` is unknown, or `"in-process"` on a backend other than
+            TensorFlow.
         FileExistsError: `path` is a non-empty folder and `overwrite=False`.
         ExportError: merging left adapters, the subprocess failed (its
             stderr is in the message) or timed out, the SavedModel holds
@@ -457,6 +461,15 @@ def export_saved_model(
         raise ValueError(
             "`method` must be 'auto', 'subprocess' or 'in-process'. "
             f"Received: method={method!r}"
+        )
+    if process_count() > 1:
+        raise ValueError(
+            f"export_saved_model runs in one process; this is process "
+            f"{process_index()} of {process_count()}. Save the adapters with "
+            "`keras_lora.save_adapters` (on every process), then in one "
+            "process rebuild the base model, `keras_lora.load_adapters` and "
+            "export. Received: model "
+            f"{model.name!r}"
         )
     on_tf = keras.backend.backend() == "tensorflow"
     if method == "in-process" and not on_tf:

@@ -14,10 +14,10 @@ import collections.abc
 import weakref
 
 import keras
-import numpy as np
 
 from keras_lora import _keras_private
 from keras_lora.layers import LoRALayer
+from keras_lora.processes import host_array
 
 
 def _list_name(obj):
@@ -173,10 +173,13 @@ def reset_compiled_functions(model, layers=None):
 
 
 def to_numpy(structure, dtype=None):
-    """A tensor, variable or nested structure of them as NumPy arrays."""
+    """A tensor, variable or nested structure of them as NumPy arrays.
+
+    On JAX, a value sharded over several processes' devices is gathered
+    (`keras_lora.processes.host_array`: every process must call this).
+    """
     return keras.tree.map_structure(
-        lambda x: np.asarray(keras.ops.convert_to_numpy(x), dtype=dtype),
-        structure,
+        lambda x: host_array(x, dtype=dtype), structure
     )
 
 

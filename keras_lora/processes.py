@@ -1,0 +1,152 @@
+"""Which process this is in a multi-process run, and host copies of arrays.
+
+A multi-process (multi-host) run is one program started once per process:
+
+- JAX: joined by `keras.distribution.initialize` (`jax.process_count()`
+  processes, each owning its local devices; a variable sharded by
+  `ModelParallel` may span devices of several processes);
+- TensorFlow: `tf.distribute.MultiWorkerMirroredStrategy`, configured by the
+  `TF_CONFIG` environment variable (every worker holds a full copy of each
+  mirrored variable);
+- PyTorch: a `torch.distributed` process group (DDP).
+
+`process_index()` is 0 on the process that writes files (JAX's process 0,
+TensorFlow's chief: the `chief` task, else worker 0; torch's rank 0).
+`host_array(x)` returns a NumPy copy of a tensor or variable; on JAX a value
+that spans other processes' devices is gathered first, which is a
+collective: every process must call it, in the same order.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+
+
+def _tf_config_task():
+    """`(index, count)` from `TF_CONFIG`'s chief and worker tasks, or None."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+        cluster = config.get("cluster", {})
+        task = config.get("task", {})
+        chiefs = len(cluster.get("chief", []))
+        workers = len(cluster.get("worker", []))
+        kind, index = task.get("type"), int(task.get("index", 0))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"The TF_CONFIG environment variable is not valid JSON of the "
+            f"form {{'cluster': ..., 'task': ...}}: {e}. Received: "
+            f"TF_CONFIG={raw!r}"
+        ) from None
+    if kind == "chief":
+        return index, chiefs + workers
+    if kind == "worker":
+        return chiefs + index, chiefs + workers
+    return None
+
+
+def _torch_group():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def process_count() -> int:
+    """The number of processes of this run (1 when it is not multi-process).
+
+    Returns:
+        int: `jax.process_count()` on JAX, the number of chief and worker
+        tasks in `TF_CONFIG` on TensorFlow, the world size of an initialized
+        `torch.distributed` process group on PyTorch, else 1.
+
+    Examples:
+        >>> from keras_lora.processes import process_count
+        >>> process_count()
+        1
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.process_count()
+    if backend == "tensorflow":
+        task = _tf_config_task()
+        return 1 if task is None else task[1]
+    if backend == "torch":
+        group = _torch_group()
+        return 1 if group is None else group.get_world_size()
+    return 1
+
+
+def process_index() -> int:
+    """This process's index in the run, 0 for the one that writes files.
+
+    Returns:
+        int in `[0, process_count())`: `jax.process_index()` on JAX, the
+        chief's (or, without a chief task, worker 0's) 0 on TensorFlow, the
+        rank on PyTorch; 0 in a single-process run.
+
+    Examples:
+        >>> from keras_lora.processes import process_index
+        >>> process_index()
+        0
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.process_index()
+    if backend == "tensorflow":
+        task = _tf_config_task()
+        return 0 if task is None else task[0]
+    if backend == "torch":
+        group = _torch_group()
+        return 0 if group is None else group.get_rank()
+    return 0
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files (`process_index() == 0`)."""
+    return process_index() == 0
+
+
+def spans_processes(x) -> bool:
+    """Whether `x` (a tensor or variable) has shards on other processes'
+    devices, so that this process cannot read it alone (JAX only)."""
+    if keras.backend.backend() != "jax":
+        return False
+    value = getattr(x, "value", x)
+    return not getattr(value, "is_fully_addressable", True) and not getattr(
+        value, "is_fully_replicated", False
+    )
+
+
+def host_array(x, dtype=None) -> np.ndarray:
+    """A NumPy copy of a tensor or variable, gathered from every process.
+
+    Args:
+        x: a backend tensor or a `keras.Variable`.
+        dtype: optional NumPy dtype of the result.
+
+    Returns:
+        `np.ndarray` of `x`'s full (global) shape.
+
+    On JAX, a value sharded over devices of several processes is gathered
+    with `jax.experimental.multihost_utils.process_allgather`, a collective
+    that every process must enter in the same order; any other value is
+    copied locally.
+    """
+    if spans_processes(x):
+        from jax.experimental import multihost_utils
+
+        value = multihost_utils.process_allgather(
+            getattr(x, "value", x), tiled=True
+        )
+        return np.asarray(value, dtype=dtype)
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=dtype)

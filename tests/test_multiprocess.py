@@ -1,0 +1,156 @@
+"""Multi-process LoRA on JAX: two real processes of 4 CPU devices each.
+
+The processes talk over 127.0.0.1 (JAX's CPU collectives), joined with
+`keras.distribution.initialize`; the same program in one process with 8 CPU
+devices is the reference. Each run is a subprocess with a timeout.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from numerics import assert_close
+from safetensors.numpy import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = r"""
+import json, os, sys
+pid, nproc = int(sys.argv[1]), int(sys.argv[2])
+port, out = sys.argv[3], sys.argv[4]
+import keras
+if nproc > 1:
+    keras.distribution.initialize(
+        job_addresses=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+import jax, keras_hub, numpy as np, tensorflow as tf
+import keras_lora
+from keras_lora.processes import process_count, process_index
+D = keras.distribution
+assert process_count() == nproc and process_index() == pid
+ids = np.random.default_rng(0).integers(1, 64, size=(16, 9)).astype("int32")
+x = {"token_ids": ids[:, :-1], "padding_mask": np.ones((16, 8), "int32")}
+y = ids[:, 1:]
+
+def run(dist, tag):
+    with dist.scope():
+        keras.utils.set_random_seed(0)
+        backbone = keras_hub.models.GemmaBackbone(
+            vocabulary_size=64, num_layers=1, num_query_heads=4,
+            num_key_value_heads=4, hidden_dim=16, intermediate_dim=32,
+            head_dim=8)
+        model = keras_hub.models.GemmaCausalLM(backbone=backbone,
+                                               preprocessor=None)
+        model = keras_lora.apply_lora(model, rank=4, targets=["query", "value"])
+        model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                      loss=keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True))
+        # Each process feeds its own share of every global batch of 16.
+        lo, hi = pid * 16 // nproc, (pid + 1) * 16 // nproc
+        ds = tf.data.Dataset.from_tensor_slices(
+            ({k: v[lo:hi] for k, v in x.items()}, y[lo:hi])).batch(hi - lo)
+        history = model.fit(ds, epochs=3, verbose=0)
+        path = os.path.join(out, f"{tag}-{nproc}.safetensors")
+        keras_lora.save_adapters(model, path)
+        # Every process returns once process 0 has written the file.
+        assert os.path.exists(path)
+        if nproc > 1:
+            try:
+                keras_lora.export_saved_model(model, os.path.join(out, "x"))
+            except ValueError as e:
+                report[tag + "_export"] = str(e)
+    return history.history["loss"]
+
+devices = D.list_devices()
+report = {"devices": len(devices), "local": len(jax.local_devices())}
+report["dp"] = run(D.DataParallel(devices=devices, auto_shard_dataset=False),
+                   "dp")
+mesh = D.DeviceMesh((2, 4), ("batch", "model"), devices=devices)
+layout_map = keras_hub.models.GemmaBackbone.get_layout_map(mesh)
+mp = D.ModelParallel(layout_map=layout_map, batch_dim_name="batch",
+                     auto_shard_dataset=False)
+report["mp"] = run(mp, "mp")
+print("RESULT " + json.dumps(report))
+"""
+
+needs_jax = pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="multi-process keras.distribution runs on the JAX backend",
+)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(pid, nproc, devices, port, out):
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(pid), str(nproc), str(port), out],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _results(procs, timeout=300):
+    reports = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, stderr[-4000:]
+            line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+            reports.append(json.loads(line[-1][len("RESULT ") :]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return reports
+
+
+@needs_jax
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_8_devices(tmp_path):
+    """DataParallel over 2 x 4 devices and a 2x4 ModelParallel mesh that
+    spans both processes train to the one-process 8-device losses and
+    adapters (absolute 1e-5: 84 float32 ulps at scale 1); the adapter
+    file is written once, by process 0, with the adapters sharded across
+    processes gathered."""
+    single = str(tmp_path / "single")
+    multi = str(tmp_path / "multi")
+    os.makedirs(single)
+    os.makedirs(multi)
+    port = _free_port()
+    procs = [_start(i, 2, 4, port, multi) for i in range(2)]
+    procs.append(_start(0, 1, 8, 0, single))
+    two_0, two_1, one = _results(procs)
+    assert (two_0["devices"], two_0["local"]) == (8, 4)
+    assert (one["devices"], one["local"]) == (8, 8)
+    for kind in ("dp", "mp"):
+        assert two_0[kind] == two_1[kind]
+        assert_close(
+            np.array(two_0[kind]), np.array(one[kind]), ulps=84, scale=1.0
+        )
+        assert one[kind][-1] < one[kind][0]
+        multi_file = load_file(os.path.join(multi, f"{kind}-2.safetensors"))
+        single_file = load_file(os.path.join(single, f"{kind}-1.safetensors"))
+        assert sorted(multi_file) == sorted(single_file)
+        for key, value in single_file.items():
+            assert np.abs(value).max() > 0
+            assert_close(multi_file[key], value, ulps=84, scale=1.0)
+        # Export is refused, naming what to do, with nothing written.
+        assert "runs in one process" in two_1[kind + "_export"]
+        assert "load_adapters" in two_0[kind + "_export"]
+    # Written once: only the two files of process 0.
+    assert sorted(os.listdir(multi)) == ["dp-2.safetensors", "mp-2.safetensors"]
