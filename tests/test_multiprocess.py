@@ -154,3 +154,68 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
         assert "load_adapters" in two_0[kind + "_export"]
     # Written once: only the two files of process 0.
     assert sorted(os.listdir(multi)) == ["dp-2.safetensors", "mp-2.safetensors"]
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="MultiWorkerMirroredStrategy runs on the TensorFlow backend",
+)
+@pytest.mark.slow
+def test_tf_two_workers_match_one_worker(tmp_path):
+    """Two MultiWorkerMirroredStrategy workers started by keras_lora.launch
+    (TF_CONFIG on 127.0.0.1), half of every batch each, a strategy.run
+    loop: the same losses and adapters as one worker (1e-5); one file."""
+    worker = os.path.join(ROOT, "tests", "multiprocess_tf_worker.py")
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    multi.mkdir()
+    single.mkdir()
+    runs = [
+        [
+            sys.executable,
+            "-m",
+            "keras_lora.launch",
+            "--num-processes",
+            "2",
+            "--timeout",
+            "240",
+            worker,
+            str(multi),
+        ],
+        [sys.executable, worker, str(single)],
+    ]
+    outputs = []
+    for command in runs:
+        proc = subprocess.run(
+            command,
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outputs.append(
+            [
+                json.loads(line.split("RESULT ", 1)[1])
+                for line in proc.stdout.splitlines()
+                if "RESULT " in line
+            ]
+        )
+    two, (one,) = outputs
+    assert sorted(r["i"] for r in two) == [0, 1]
+    for report in two:
+        assert report["n"] == 2
+        assert_close(
+            np.array(report["losses"]),
+            np.array(one["losses"]),
+            ulps=84,
+            scale=1.0,
+        )
+    assert sorted(os.listdir(multi)) == ["tf-2.safetensors"]
+    multi_file = load_file(str(multi / "tf-2.safetensors"))
+    single_file = load_file(str(single / "tf-1.safetensors"))
+    assert sorted(multi_file) == sorted(single_file)
+    for key, value in single_file.items():
+        assert_close(multi_file[key], value, ulps=84, scale=1.0)
