@@ -4,6 +4,7 @@ from keras_lora.adapters import load_adapters
 from keras_lora.adapters import save_adapters
 from keras_lora.apply import apply_lora
 from keras_lora.apply import select_targets
+from keras_lora.callbacks import AdapterCheckpoint
 from keras_lora.distribution import lora_layout_map
 from keras_lora.distribution import variable_layouts
 from keras_lora.export import export_saved_model
@@ -25,6 +26,7 @@ from keras_lora.walk import lora_layers
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterCheckpoint",
     "LoRAConv2D",
     "LoRADense",
     "LoRAEinsumDense",

@@ -219,3 +219,61 @@ def test_tf_two_workers_match_one_worker(tmp_path):
     assert sorted(multi_file) == sorted(single_file)
     for key, value in single_file.items():
         assert_close(multi_file[key], value, ulps=84, scale=1.0)
+
+
+def _launch(args, out, timeout=240):
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    worker = os.path.join(ROOT, "tests", "multiprocess_jax_restart.py")
+    command = [
+        sys.executable,
+        "-m",
+        "keras_lora.launch",
+        "--num-processes",
+        "2",
+        "--devices-per-process",
+        "4",
+        "--timeout",
+        "180",
+        worker,
+        *args,
+        out,
+    ]
+    return subprocess.run(
+        command,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@needs_jax
+@pytest.mark.slow
+def test_jax_dead_worker_stops_the_run_and_a_restart_matches(tmp_path):
+    """Process 1 dies when epoch 3 begins: the launcher stops process 0
+    (blocked in a collective) and exits with code 3, naming process 1; a
+    restart from the epoch-2 adapter checkpoint ends with the adapters of
+    an uninterrupted run (SGD: no optimizer state to lose)."""
+    full, crash = tmp_path / "full", tmp_path / "crash"
+    full.mkdir()
+    crash.mkdir()
+    proc = _launch(["full"], str(full))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _launch(["crash"], str(crash))
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert "process 1 exited with code 3" in proc.stderr
+    assert sorted(os.listdir(crash)) == [
+        "ckpt-1.safetensors",
+        "ckpt-2.safetensors",
+    ]
+    proc = _launch(["resume"], str(crash))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    expected = load_file(str(full / "ckpt-4.safetensors"))
+    resumed = load_file(str(crash / "ckpt-4.safetensors"))
+    assert sorted(resumed) == sorted(expected)
+    start = load_file(str(full / "ckpt-2.safetensors"))
+    for key, value in expected.items():
+        assert np.abs(value - start[key]).max() > 0
+        assert_close(resumed[key], value, ulps=84, scale=1.0)
