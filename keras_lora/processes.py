@@ -57,6 +57,23 @@ def _torch_group():
     return None
 
 
+def _index_and_count():
+    """`(process_index, process_count)` of this run on the current backend."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    if backend == "tensorflow":
+        task = _tf_config_task()
+        return (0, 1) if task is None else task
+    if backend == "torch":
+        group = _torch_group()
+        if group is not None:
+            return group.get_rank(), group.get_world_size()
+    return 0, 1
+
+
 def process_count() -> int:
     """The number of processes of this run (1 when it is not multi-process).
 
@@ -70,18 +87,7 @@ def process_count() -> int:
         >>> process_count()
         1
     """
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.process_count()
-    if backend == "tensorflow":
-        task = _tf_config_task()
-        return 1 if task is None else task[1]
-    if backend == "torch":
-        group = _torch_group()
-        return 1 if group is None else group.get_world_size()
-    return 1
+    return _index_and_count()[1]
 
 
 def process_index() -> int:
@@ -97,18 +103,7 @@ def process_index() -> int:
         >>> process_index()
         0
     """
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.process_index()
-    if backend == "tensorflow":
-        task = _tf_config_task()
-        return 0 if task is None else task[0]
-    if backend == "torch":
-        group = _torch_group()
-        return 0 if group is None else group.get_rank()
-    return 0
+    return _index_and_count()[0]
 
 
 def is_main_process() -> bool:
