@@ -293,3 +293,18 @@ def producer(tensor):
     if node_index >= len(nodes):
         return operation, []
     return operation, list(nodes[node_index].input_tensors)
+
+
+@contextlib.contextmanager
+def host_values(pairs):
+    """Lets each `(variable, array)` of `pairs` read as `array` (Keras's
+    `Variable._value`), e.g. while Keras's saving writes gathered copies of
+    variables sharded across processes; restored on exit."""
+    kept = [(variable, variable._value) for variable, _ in pairs]
+    try:
+        for variable, array in pairs:
+            variable._value = array
+        yield
+    finally:
+        for variable, value in kept:
+            variable._value = value

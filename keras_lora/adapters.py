@@ -37,7 +37,7 @@ from keras_lora.banks import named_layers
 from keras_lora.banks import zero_b
 from keras_lora.layers import LoRALayer
 from keras_lora.processes import is_main_process
-from keras_lora.processes import process_count
+from keras_lora.processes import wait_for_writer
 from keras_lora.saving import base_class_of
 from keras_lora.walk import is_weighted_leaf
 from keras_lora.walk import iter_layers
@@ -238,8 +238,8 @@ def save_adapters(
     JAX after `keras.distribution.initialize`, TensorFlow workers with
     `TF_CONFIG`, a torch process group) call it on every process with the
     same `path`: adapters sharded across processes are gathered (JAX), only
-    process 0 writes the file, and on JAX every process returns once it is
-    written.
+    process 0 writes the file, and on JAX and PyTorch every process returns
+    once it is written.
 
     Args:
         model: a model holding keras_lora layers (from `apply_lora`, or
@@ -297,10 +297,10 @@ def save_adapters(
     if not is_main_process():
         # Multi-process run: every process gathered the arrays above (a
         # collective where they span processes); process 0 writes.
-        _wait_for_writer()
+        wait_for_writer("keras_lora.save_adapters")
         return config
     save_file(tensors, path, metadata={CONFIG_KEY: json.dumps(config)})
-    _wait_for_writer()
+    wait_for_writer("keras_lora.save_adapters")
     trained_elsewhere = [
         p
         for p, lay in iter_layers(model)
@@ -318,15 +318,6 @@ def save_adapters(
             stacklevel=2,
         )
     return config
-
-
-def _wait_for_writer():
-    """In a multi-process JAX run, holds every process until process 0 has
-    written (so a process may read the file right after); else a no-op."""
-    if process_count() > 1 and keras.backend.backend() == "jax":
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("keras_lora.save_adapters")
 
 
 def split_adapters(tensors, config, path="the file"):

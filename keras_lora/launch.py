@@ -161,7 +161,8 @@ def launch(
 
     Returns:
         int: 0 when every process exited with 0; else the exit code of the
-        first process that failed, or 124 after `timeout`.
+        first process that failed (128 + the signal number for a process
+        killed by a signal, as a shell reports it), or 124 after `timeout`.
 
     Raises:
         ValueError: `command` is empty, or an argument is out of range.
@@ -205,10 +206,17 @@ def launch(
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 index, code = failed[0]
+                if code < 0:
+                    # Killed by a signal (e.g. JAX aborts a process whose
+                    # peers never joined): the shell's 128 + signal number.
+                    how = f"was killed by {signal.Signals(-code).name}"
+                    code = 128 - code
+                else:
+                    how = f"exited with code {code}"
                 with lock:
                     stderr.write(
-                        f"keras_lora.launch: process {index} exited with code "
-                        f"{code}; stopping the other processes.\n"
+                        f"keras_lora.launch: process {index} {how}; stopping "
+                        "the other processes.\n"
                     )
                 return code
             if all(c == 0 for c in codes):

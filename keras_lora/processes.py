@@ -145,3 +145,36 @@ def host_array(x, dtype=None) -> np.ndarray:
         )
         return np.asarray(value, dtype=dtype)
     return np.asarray(keras.ops.convert_to_numpy(x), dtype=dtype)
+
+
+def wait_for_writer(tag):
+    """Holds every process of a multi-process JAX or PyTorch run here until
+    all have arrived (process 0 after writing a file); else a no-op.
+
+    Args:
+        tag: str naming the barrier (the same on every process; JAX).
+    """
+    if process_count() == 1:
+        return
+    if keras.backend.backend() == "jax":
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(tag)
+    elif keras.backend.backend() == "torch":
+        _torch_group().barrier()
+
+
+def gathered_values(variables):
+    """Host copies of those of `variables` that span processes.
+
+    A collective: every process must call it with the same variables in
+    the same order.
+
+    Args:
+        variables: an iterable of `keras.Variable`.
+
+    Returns:
+        A list of `(variable, np.ndarray)` pairs, one per variable sharded
+        over several processes' devices (JAX only; else empty).
+    """
+    return [(v, host_array(v)) for v in variables if spans_processes(v)]

@@ -13,6 +13,10 @@ optimizer state included. Without keras_lora installed, loading fails with
 Keras's "Could not locate class" error naming `keras_lora>LoRAModel`.
 """
 
+import contextlib
+import os
+import tempfile
+
 import keras
 
 from keras_lora import _keras_private
@@ -21,6 +25,10 @@ from keras_lora.convert import freeze_base
 from keras_lora.layers.base import LORA_CONFIG_KEYS
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.config import LoRAConfig
+from keras_lora.processes import gathered_values
+from keras_lora.processes import is_main_process
+from keras_lora.processes import process_count
+from keras_lora.processes import wait_for_writer
 from keras_lora.walk import is_weighted_leaf
 from keras_lora.walk import lora_layers
 from keras_lora.walk import stable_layer_paths
@@ -48,6 +56,7 @@ def lora_model_class(base_class):
                 "from_config": classmethod(_from_config),
                 "build_from_config": _build_from_config,
                 "__reduce__": _reduce,
+                "save": _save,
                 **(
                     {"save_to_preset": _save_to_preset}
                     if hasattr(base_class, "save_to_preset")
@@ -176,6 +185,35 @@ def _reduce(self):
     # this class is made at run time, so point pickle at keras.Model's.
     _, args = type(self).keras_lora_base_class.__reduce__(self)
     return _keras_private.unpickle_model, args
+
+
+def _save(self, filepath, *args, **kwargs):
+    """Saves the model as a `.keras` file (`keras.Model.save`).
+
+    In a multi-process run call it on every process with the same
+    `filepath`: variables sharded across processes (a JAX `ModelParallel`
+    mesh that spans them) are gathered, and only process 0 writes the file,
+    which then loads in one process with `keras.saving.load_model`.
+    """
+    save = type(self).keras_lora_base_class.save
+    if process_count() == 1:
+        return save(self, filepath, *args, **kwargs)
+    variables = {id(v): v for v in self.variables}
+    if self.optimizer is not None:
+        variables.update((id(v), v) for v in self.optimizer.variables)
+    # Collectives: every process gathers, in the same order, and runs the
+    # whole save (Keras may create variables while saving, which on a mesh
+    # is collective too); only process 0 writes to `filepath`, the others
+    # to a scratch folder removed at once (TensorFlow's multi-worker
+    # saving pattern).
+    gathered = gathered_values(variables.values())
+    with contextlib.ExitStack() as stack:
+        if not is_main_process():
+            scratch = stack.enter_context(tempfile.TemporaryDirectory())
+            filepath = os.path.join(scratch, os.path.basename(str(filepath)))
+        with _keras_private.host_values(gathered):
+            save(self, filepath, *args, **kwargs)
+    wait_for_writer("keras_lora.save")
 
 
 def _save_to_preset(self, preset_dir, *args, **kwargs):

@@ -1,8 +1,13 @@
 """A JAX worker of tests/test_multiprocess.py: LoRA with adapter checkpoints
-per epoch over 2 processes (keras_lora.launch sets the environment).
+(and Keras's ModelCheckpoint `.keras` files) after every epoch, over the
+processes keras_lora.launch starts, or in one process.
 
-argv: MODE OUT, MODE one of "full" (4 epochs), "crash" (process 1 exits
-with code 3 when epoch 3 begins), "resume" (load OUT/ckpt-2, epochs 3-4).
+argv: MODE MESH OUT. MODE is "full" (4 epochs), "crash" (process 1 exits
+with code 3 when epoch 3 begins), "resume" (load OUT/ckpt-2.safetensors,
+epochs 3-4) or "resume-keras" (one process: load OUT/model-2.keras, epochs
+3-4). MESH is "dp" (DataParallel over every device) or "mp" (a 2x4
+ModelParallel mesh with keras-hub's Gemma layout map, spanning processes).
+Every global step sees the same 8 examples in every mode.
 """
 
 import os
@@ -10,7 +15,8 @@ import sys
 
 import keras
 
-keras.distribution.initialize()
+if "KERAS_DISTRIBUTION_JOB_ADDRESSES" in os.environ:
+    keras.distribution.initialize()
 
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
@@ -20,7 +26,7 @@ import keras_lora  # noqa: E402
 from keras_lora.processes import process_count  # noqa: E402
 from keras_lora.processes import process_index  # noqa: E402
 
-mode, out = sys.argv[1], sys.argv[2]
+mode, mesh, out = sys.argv[1:4]
 pid, nproc = process_index(), process_count()
 ids = np.random.default_rng(0).integers(1, 64, size=(16, 9)).astype("int32")
 x = {"token_ids": ids[:, :-1], "padding_mask": np.ones((16, 8), "int32")}
@@ -33,10 +39,23 @@ class Crash(keras.callbacks.Callback):
             os._exit(3)  # dies: no clean shutdown of the JAX client
 
 
-devices = keras.distribution.list_devices()
-with keras.distribution.DataParallel(
-    devices=devices, auto_shard_dataset=False
-).scope():
+def distribution():
+    devices = keras.distribution.list_devices()
+    if mesh == "dp" or nproc == 1:
+        return keras.distribution.DataParallel(
+            devices=devices, auto_shard_dataset=False
+        )
+    device_mesh = keras.distribution.DeviceMesh(
+        (2, 4), ("batch", "model"), devices=devices
+    )
+    return keras.distribution.ModelParallel(
+        layout_map=keras_hub.models.GemmaBackbone.get_layout_map(device_mesh),
+        batch_dim_name="batch",
+        auto_shard_dataset=False,
+    )
+
+
+def build():
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GemmaBackbone(
         vocabulary_size=64,
@@ -48,8 +67,28 @@ with keras.distribution.DataParallel(
         head_dim=8,
     )
     model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    model = keras_lora.apply_lora(model, rank=4, targets=["query", "value"])
+    return keras_lora.apply_lora(model, rank=4, targets=["query", "value"])
+
+
+# Process p feeds rows [8p, 8p + 8) in batches of 4, so global step k
+# holds rows 4k..4k+3 of both halves; one process feeds the same rows.
+if nproc == 1:
+    rows = np.array([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
+else:
+    rows = np.arange(pid * 16 // nproc, (pid + 1) * 16 // nproc)
+data = tf.data.Dataset.from_tensor_slices(
+    ({k: v[rows] for k, v in x.items()}, y[rows])
+).batch(len(rows) // 2)
+
+with distribution().scope():
     initial_epoch = 0
+    if mode == "resume-keras":
+        # Keras's loading does not restore a keras-hub task's compile()
+        # (its compile is custom): compile again (SGD has no state).
+        model = keras.saving.load_model(os.path.join(out, "model-2.keras"))
+        initial_epoch = 2
+    else:
+        model = build()
     if mode == "resume":
         keras_lora.load_adapters(model, os.path.join(out, "ckpt-2.safetensors"))
         initial_epoch = 2
@@ -57,18 +96,25 @@ with keras.distribution.DataParallel(
         optimizer=keras.optimizers.SGD(0.5),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    lo, hi = pid * 16 // nproc, (pid + 1) * 16 // nproc
-    data = tf.data.Dataset.from_tensor_slices(
-        ({k: v[lo:hi] for k, v in x.items()}, y[lo:hi])
-    ).batch((hi - lo) // 2)
-    checkpoint = keras_lora.AdapterCheckpoint(
-        os.path.join(out, "ckpt-{epoch}.safetensors")
-    )
+    tag = "resumed-" if mode == "resume-keras" else ""
+    callbacks = [
+        Crash(),
+        keras_lora.AdapterCheckpoint(
+            os.path.join(out, tag + "ckpt-{epoch}.safetensors")
+        ),
+    ]
+    if mode == "full":
+        # Keras's own callback: model.save on every process, once written.
+        callbacks.append(
+            keras.callbacks.ModelCheckpoint(
+                os.path.join(out, "model-{epoch}.keras")
+            )
+        )
     model.fit(
         data,
         epochs=4,
         initial_epoch=initial_epoch,
-        callbacks=[Crash(), checkpoint],
+        callbacks=callbacks,
         verbose=0,
     )
 print("RESULT done", pid)

@@ -1,5 +1,8 @@
 """One TensorFlow worker of tests/test_multiprocess.py (MultiWorkerMirrored
-when started by keras_lora.launch with TF_CONFIG, else one worker)."""
+when started by keras_lora.launch with TF_CONFIG, else one worker).
+
+argv: OUT [crash]; with "crash", worker 1 dies (exit code 3) at step 3.
+"""
 
 import json
 import os
@@ -53,9 +56,12 @@ def step(xb, yb):
     return strategy.reduce("SUM", per, axis=None)
 
 
+crash = sys.argv[2:] == ["crash"]
 losses = []
 for _epoch in range(2):
     for s in range(0, 32, GB):
+        if crash and i == 1 and len(losses) == 2:
+            os._exit(3)  # dies between collectives
         xb = x[s : s + GB][lo:hi]
         yb = y[s : s + GB][lo:hi]
         losses.append(float(step(tf.constant(xb), tf.constant(yb))))

@@ -689,8 +689,9 @@ def test_tf_mirrored_strategy_fit_merge_export():
 # -- PyTorch: DistributedDataParallel through the user's own launcher ----------
 
 TORCH_SCRIPT = r"""
-import json, os, socket
+import json, os, socket, tempfile
 import numpy as np
+from safetensors.numpy import load_file
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -739,9 +740,14 @@ def worker(rank, world, port, queue):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     losses = train(model, X[rank * n:(rank + 1) * n],
                    Y[rank * n:(rank + 1) * n], ddp)
+    # Every rank calls save_adapters; rank 0 writes, all return after.
+    path = os.path.join(OUT, "ddp.safetensors")
+    keras_lora.save_adapters(model, path)
+    assert os.path.exists(path)
     queue.put((rank, losses, state(model)))
     dist.destroy_process_group()
 
+OUT = tempfile.mkdtemp()
 single = make()
 base0 = state(single)
 single_loss = train(single, X, Y)
@@ -760,6 +766,12 @@ out = {"single_loss": single_loss,
        "exitcodes": [p.exitcode for p in procs],
        "rank_losses": [r[1] for r in results],
        "trainable": sorted(v.path for v in single.trainable_variables)}
+out["files"] = os.listdir(OUT)
+written = load_file(os.path.join(OUT, "ddp.safetensors"))
+out["file_keys"] = sorted(written)
+out["file_diff_vs_single"] = max(
+    float(np.max(np.abs(v - np.array(single_state[k.replace(".", "/")]))))
+    for k, v in written.items())
 out["max_diff_vs_single"] = max(
     float(np.max(np.abs(np.array(r[2][k]) - np.array(single_state[k]))))
     for r in results for k in single_state)
@@ -798,3 +810,12 @@ def test_torch_ddp_two_processes_match_one_process():
     assert report["single_loss"][2] < report["single_loss"][0]
     assert_diff_within(report["max_diff_vs_single"], report["state_max_abs"])
     assert report["base_moved"] == 0.0
+    # save_adapters on both ranks: one file (rank 0's), the trained adapters.
+    assert report["files"] == ["ddp.safetensors"]
+    assert report["file_keys"] == [
+        "d1.lora_a",
+        "d1.lora_b",
+        "d2.lora_a",
+        "d2.lora_b",
+    ]
+    assert_diff_within(report["file_diff_vs_single"], report["state_max_abs"])

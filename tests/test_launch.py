@@ -69,6 +69,18 @@ def test_a_failing_process_stops_the_others():
     assert "process 1 exited with code 3" in err.getvalue()
 
 
+def test_a_process_killed_by_a_signal_is_named_with_the_signal():
+    script = (
+        "import os, signal, time\n"
+        "if os.environ['RANK'] == '0': os.kill(os.getpid(), signal.SIGABRT)\n"
+        "time.sleep(120)\n"
+    )
+    err = io.StringIO()
+    code = launch([sys.executable, "-c", script], 2, stderr=err)
+    assert code == 128 + 6  # SIGABRT, as a shell reports it
+    assert "process 0 was killed by SIGABRT" in err.getvalue()
+
+
 def test_timeout_stops_every_process():
     err = io.StringIO()
     code = launch(

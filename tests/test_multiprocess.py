@@ -1,8 +1,11 @@
-"""Multi-process LoRA on JAX: two real processes of 4 CPU devices each.
+"""Multi-process LoRA with real processes on this machine.
 
-The processes talk over 127.0.0.1 (JAX's CPU collectives), joined with
-`keras.distribution.initialize`; the same program in one process with 8 CPU
-devices is the reference. Each run is a subprocess with a timeout.
+JAX: two processes of 4 CPU devices each, talking over 127.0.0.1 (JAX's CPU
+collectives), joined with `keras.distribution.initialize`; the same program
+in one process with 8 CPU devices is the reference. TensorFlow: two
+MultiWorkerMirroredStrategy workers against one. Also: adapter and `.keras`
+checkpoints, a process that dies or never joins. Each run is a subprocess
+with a timeout; keras_lora.launch stops what is left of a failed run.
 """
 
 import json
@@ -10,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -18,6 +22,9 @@ from numerics import assert_close
 from safetensors.numpy import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TF_WORKER = os.path.join(ROOT, "tests", "multiprocess_tf_worker.py")
+RESTART = os.path.join(ROOT, "tests", "multiprocess_jax_restart.py")
+JOIN = os.path.join(ROOT, "tests", "multiprocess_jax_join.py")
 
 WORKER = r"""
 import json, os, sys
@@ -29,7 +36,7 @@ if nproc > 1:
         job_addresses=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
 import jax, keras_hub, numpy as np, tensorflow as tf
 import keras_lora
-from keras_lora.processes import process_count, process_index
+from keras_lora.processes import host_array, process_count, process_index
 D = keras.distribution
 assert process_count() == nproc and process_index() == pid
 ids = np.random.default_rng(0).integers(1, 64, size=(16, 9)).astype("int32")
@@ -54,6 +61,12 @@ def run(dist, tag):
         ds = tf.data.Dataset.from_tensor_slices(
             ({k: v[lo:hi] for k, v in x.items()}, y[lo:hi])).batch(hi - lo)
         history = model.fit(ds, epochs=3, verbose=0)
+        # Merge on the mesh: the merged kernels keep their layouts.
+        merged = keras_lora.merge(model)
+        np.savez(os.path.join(os.path.dirname(out), f"{tag}-{nproc}-{pid}"),
+                 logits=host_array(model(x)), merged=host_array(merged(x)))
+        report[tag + "_merged_layout"] = str(merged.backbone.get_layer(
+            "decoder_block_0").attention.query_dense.kernel.value.sharding.spec)
         path = os.path.join(out, f"{tag}-{nproc}.safetensors")
         keras_lora.save_adapters(model, path)
         # Every process returns once process 0 has written the file.
@@ -89,13 +102,46 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _start(pid, nproc, devices, port, out):
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+def _env(backend, devices=None):
+    """The environment of a test process: `backend`, this checkout on the
+    path, and `devices` CPU devices for JAX (else XLA's default)."""
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    env.pop("XLA_FLAGS", None)
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _launcher(timeout, *args):
+    """`python -m keras_lora.launch --num-processes 2 --timeout T ARGS`."""
+    return [
+        sys.executable,
+        "-m",
+        "keras_lora.launch",
+        "--num-processes",
+        "2",
+        "--timeout",
+        str(timeout),
+        *args,
+    ]
+
+
+def _run(command, backend, timeout=300):
+    return subprocess.run(
+        command,
+        env=_env(backend),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _start(pid, nproc, devices, port, out):
     return subprocess.Popen(
         [sys.executable, "-c", WORKER, str(pid), str(nproc), str(port), out],
-        env=env,
+        env=_env("jax", devices),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -126,7 +172,8 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
     spans both processes train to the one-process 8-device losses and
     adapters (absolute 1e-5: 84 float32 ulps at scale 1); the adapter
     file is written once, by process 0, with the adapters sharded across
-    processes gathered."""
+    processes gathered; merge works on the mesh (same logits, kernels keep
+    their layout)."""
     single = str(tmp_path / "single")
     multi = str(tmp_path / "multi")
     os.makedirs(single)
@@ -149,9 +196,19 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
         for key, value in single_file.items():
             assert np.abs(value).max() > 0
             assert_close(multi_file[key], value, ulps=84, scale=1.0)
+        for pid in (0, 1):
+            run = np.load(str(tmp_path / f"{kind}-2-{pid}.npz"))
+            assert_close(
+                run["merged"],
+                run["logits"],
+                ulps=64,
+                scale=float(np.abs(run["logits"]).max()),
+            )
         # Export is refused, naming what to do, with nothing written.
         assert "runs in one process" in two_1[kind + "_export"]
         assert "load_adapters" in two_0[kind + "_export"]
+    assert two_0["mp_merged_layout"] == "P('model', 'batch', None)"
+    assert two_0["dp_merged_layout"] == "P(None, None, None)"
     # Written once: only the two files of process 0.
     assert sorted(os.listdir(multi)) == ["dp-2.safetensors", "mp-2.safetensors"]
 
@@ -165,36 +222,16 @@ def test_tf_two_workers_match_one_worker(tmp_path):
     """Two MultiWorkerMirroredStrategy workers started by keras_lora.launch
     (TF_CONFIG on 127.0.0.1), half of every batch each, a strategy.run
     loop: the same losses and adapters as one worker (1e-5); one file."""
-    worker = os.path.join(ROOT, "tests", "multiprocess_tf_worker.py")
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     multi, single = tmp_path / "multi", tmp_path / "single"
     multi.mkdir()
     single.mkdir()
     runs = [
-        [
-            sys.executable,
-            "-m",
-            "keras_lora.launch",
-            "--num-processes",
-            "2",
-            "--timeout",
-            "240",
-            worker,
-            str(multi),
-        ],
-        [sys.executable, worker, str(single)],
+        _launcher(240, TF_WORKER, str(multi)),
+        [sys.executable, TF_WORKER, str(single)],
     ]
     outputs = []
     for command in runs:
-        proc = subprocess.run(
-            command,
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = _run(command, "tensorflow")
         assert proc.returncode == 0, proc.stderr[-4000:]
         outputs.append(
             [
@@ -221,32 +258,30 @@ def test_tf_two_workers_match_one_worker(tmp_path):
         assert_close(multi_file[key], value, ulps=84, scale=1.0)
 
 
-def _launch(args, out, timeout=240):
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    worker = os.path.join(ROOT, "tests", "multiprocess_jax_restart.py")
-    command = [
-        sys.executable,
-        "-m",
-        "keras_lora.launch",
-        "--num-processes",
-        "2",
-        "--devices-per-process",
-        "4",
-        "--timeout",
-        "180",
-        worker,
-        *args,
-        out,
-    ]
-    return subprocess.run(
-        command,
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="MultiWorkerMirroredStrategy runs on the TensorFlow backend",
+)
+@pytest.mark.slow
+def test_tf_dead_worker_stops_the_run(tmp_path):
+    """Worker 1 dies at step 3: the launcher stops worker 0 (waiting in the
+    next all-reduce) and exits with code 3, naming worker 1; no adapter
+    file is written."""
+    start = time.monotonic()
+    proc = _run(_launcher(240, TF_WORKER, str(tmp_path), "crash"), "tensorflow")
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert "process 1 exited with code 3" in proc.stderr
+    assert time.monotonic() - start < 120
+    assert os.listdir(tmp_path) == []
+
+
+def _launch(args, out, processes=2):
+    """Runs the restart worker: on 2 processes x 4 CPU devices through
+    keras_lora.launch, or (`processes=1`) as one process on one device."""
+    command = [sys.executable, RESTART, *args, out]
+    if processes > 1:
+        command = _launcher(180, "--devices-per-process", "4", *command[1:])
+    return _run(command, "jax", timeout=240)
 
 
 @needs_jax
@@ -259,16 +294,16 @@ def test_jax_dead_worker_stops_the_run_and_a_restart_matches(tmp_path):
     full, crash = tmp_path / "full", tmp_path / "crash"
     full.mkdir()
     crash.mkdir()
-    proc = _launch(["full"], str(full))
+    proc = _launch(["full", "dp"], str(full))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = _launch(["crash"], str(crash))
+    proc = _launch(["crash", "dp"], str(crash))
     assert proc.returncode == 3, proc.stderr[-4000:]
     assert "process 1 exited with code 3" in proc.stderr
     assert sorted(os.listdir(crash)) == [
         "ckpt-1.safetensors",
         "ckpt-2.safetensors",
     ]
-    proc = _launch(["resume"], str(crash))
+    proc = _launch(["resume", "dp"], str(crash))
     assert proc.returncode == 0, proc.stderr[-4000:]
     expected = load_file(str(full / "ckpt-4.safetensors"))
     resumed = load_file(str(crash / "ckpt-4.safetensors"))
@@ -277,3 +312,55 @@ def test_jax_dead_worker_stops_the_run_and_a_restart_matches(tmp_path):
     for key, value in expected.items():
         assert np.abs(value - start[key]).max() > 0
         assert_close(resumed[key], value, ulps=84, scale=1.0)
+
+
+@needs_jax
+@pytest.mark.slow
+def test_jax_keras_checkpoint_from_a_mesh_resumes_in_one_process(tmp_path):
+    """Keras's ModelCheckpoint on a 2x4 ModelParallel mesh that spans both
+    processes writes one `.keras` file per epoch (process 0, the sharded
+    variables gathered); one process on one device loads the epoch-2 file
+    and trains epochs 3-4 to the adapters of the uninterrupted 2-process
+    run (1e-5, SGD)."""
+    proc = _launch(["full", "mp"], str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    names = sorted(os.listdir(tmp_path))
+    assert names == sorted(
+        [f"ckpt-{i}.safetensors" for i in range(1, 5)]
+        + [f"model-{i}.keras" for i in range(1, 5)]
+    )
+    proc = _launch(["resume-keras", "mp"], str(tmp_path), processes=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    expected = load_file(str(tmp_path / "ckpt-4.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed-ckpt-4.safetensors"))
+    start = load_file(str(tmp_path / "ckpt-2.safetensors"))
+    assert sorted(resumed) == sorted(expected)
+    for key, value in expected.items():
+        assert np.abs(value - start[key]).max() > 0
+        assert_close(resumed[key], value, ulps=84, scale=1.0)
+
+
+@needs_jax
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode, limit, code, message",
+    [
+        # JAX's own bound: initialize() fails after initialization_timeout.
+        ("jax", 100, 128 + 6, "DEADLINE_EXCEEDED"),
+        # keras.distribution.initialize() waits JAX's default 300 s; the
+        # launcher's --timeout stops the run first.
+        ("keras", 15, 124, "timed out after 15 s"),
+    ],
+)
+def test_jax_process_that_never_joins_fails_in_bounded_time(
+    mode, limit, code, message
+):
+    """Process 1 never joins: the run ends, every process stopped, within
+    the bound (not the 120 s process 1 sleeps), with the reason named."""
+    start = time.monotonic()
+    proc = _run(_launcher(limit, JOIN, mode), "jax", timeout=200)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == code, proc.stderr[-4000:]
+    assert message in proc.stderr
+    assert "RESULT joined" not in proc.stdout
+    assert elapsed < 60
