@@ -8,7 +8,9 @@ from keras_lora.callbacks import AdapterCheckpoint
 from keras_lora.distribution import lora_layout_map
 from keras_lora.distribution import variable_layouts
 from keras_lora.export import export_saved_model
+from keras_lora.layers import LoRAConv1D
 from keras_lora.layers import LoRAConv2D
+from keras_lora.layers import LoRAConv3D
 from keras_lora.layers import LoRADense
 from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRAEmbedding
@@ -27,7 +29,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterCheckpoint",
+    "LoRAConv1D",
     "LoRAConv2D",
+    "LoRAConv3D",
     "LoRADense",
     "LoRAEinsumDense",
     "LoRAEmbedding",

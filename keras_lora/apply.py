@@ -19,11 +19,11 @@ from keras_lora.convert import LORA_CLASSES  # noqa: F401
 from keras_lora.convert import convert_layer
 from keras_lora.convert import freeze_base
 from keras_lora.convert import lora_class_for
-from keras_lora.layers import LoRAConv2D
 from keras_lora.layers import LoRADense
 from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRALayer
 from keras_lora.layers.config import LoRAConfig
+from keras_lora.layers.conv import LoRAConvMixin
 from keras_lora.layers.einsum_dense import factor_equation
 from keras_lora.saving import attach_plan
 from keras_lora.walk import iter_layers
@@ -312,7 +312,9 @@ def _select(model, layers, stable, targets, exclude):
         ] or [
             (p, lay)
             for p, lay in adaptable
-            if lora_class_for(lay) in (LoRADense, LoRAEinsumDense, LoRAConv2D)
+            if issubclass(
+                lora_class_for(lay), (LoRADense, LoRAEinsumDense, LoRAConvMixin)
+            )
         ]
     else:
         _unmatched(targets, layers, "`targets`", adaptable)
@@ -329,7 +331,8 @@ def _select(model, layers, stable, targets, exclude):
         if wrong:
             raise TypeError(
                 "`targets` selects layers keras_lora cannot adapt (supported: "
-                "Dense, EinsumDense, Conv2D, Embedding, ReversibleEmbedding): "
+                "Dense, EinsumDense, Conv1D, Conv2D, Conv3D, Embedding, "
+                "ReversibleEmbedding): "
                 f"{wrong}"
             )
     if exclude is not None:
@@ -469,7 +472,8 @@ def apply_lora(
             and value projections (by name or attribute name: `query`,
             `value`, `q_proj`, `v_proj`, ... and fused `qkv` layers; see
             `DEFAULT_ATTENTION_NAMES`), the LoRA paper's choice; if the
-            model has none, every Dense, EinsumDense and Conv2D.
+            model has none, every Dense, EinsumDense, Conv1D, Conv2D and
+            Conv3D.
             `"all-linear"`: every Dense and EinsumDense except the model's
             output head (see `keras_lora.apply.output_heads`), as PEFT's
             `target_modules="all-linear"`; it can be combined with other

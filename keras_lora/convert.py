@@ -4,7 +4,9 @@ layer in place, and freezing everything but the adapters."""
 import keras
 
 from keras_lora import _keras_private
+from keras_lora.layers import LoRAConv1D
 from keras_lora.layers import LoRAConv2D
+from keras_lora.layers import LoRAConv3D
 from keras_lora.layers import LoRADense
 from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRAEmbedding
@@ -19,7 +21,9 @@ LORA_CLASSES = (
     LoRAReversibleEmbedding,
     LoRAEmbedding,
     LoRAEinsumDense,
+    LoRAConv1D,
     LoRAConv2D,
+    LoRAConv3D,
     LoRADense,
 )
 

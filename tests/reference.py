@@ -154,6 +154,96 @@ def conv2d(
     return y
 
 
+def conv_nd(
+    x,
+    kernel,
+    bias=None,
+    strides=1,
+    padding="valid",
+    dilation_rate=1,
+    groups=1,
+    data_format="channels_last",
+):
+    """Direct (loop) convolution over any number of spatial axes (1-D,
+    2-D, 3-D), as Keras/TensorFlow define it.
+
+    Args:
+        x: (n, *spatial, c) channels_last or (n, c, *spatial) channels_first.
+        kernel: (*kernel_size, c // groups, filters), Keras's layout.
+        strides, dilation_rate: int or one int per spatial axis.
+        padding: "valid", "same" (TensorFlow's split: extra at the end) or
+            "causal" (1-D: (k - 1) * dilation zeros before, none after).
+    """
+    k = kernel.ndim - 2
+    x = f64(x)
+    if data_format == "channels_first":
+        x = np.moveaxis(x, 1, -1)
+    w = f64(kernel)
+    size = w.shape[:k]
+    strides = (strides,) * k if isinstance(strides, int) else tuple(strides)
+    dilation = (
+        (dilation_rate,) * k
+        if isinstance(dilation_rate, int)
+        else tuple(dilation_rate)
+    )
+    if padding == "causal":
+        pads = [((size[0] - 1) * dilation[0], 0)]
+    else:
+        pads = [
+            _pad_amounts(
+                x.shape[1 + i], size[i], strides[i], dilation[i], padding
+            )
+            for i in range(k)
+        ]
+    x = np.pad(x, [(0, 0), *pads, (0, 0)])
+    out = [
+        (x.shape[1 + i] - ((size[i] - 1) * dilation[i] + 1)) // strides[i] + 1
+        for i in range(k)
+    ]
+    cg, filters = w.shape[-2], w.shape[-1]
+    fg = filters // groups
+    y = np.zeros((x.shape[0], *out, filters))
+    for g in range(groups):
+        xg = x[..., g * cg : (g + 1) * cg]
+        wg = w[..., g * fg : (g + 1) * fg]
+        for offset in np.ndindex(*size):
+            index = tuple(
+                slice(
+                    offset[i] * dilation[i],
+                    offset[i] * dilation[i] + (out[i] - 1) * strides[i] + 1,
+                    strides[i],
+                )
+                for i in range(k)
+            )
+            y[..., g * fg : (g + 1) * fg] += (
+                xg[(slice(None), *index)] @ wg[offset]
+            )
+    if bias is not None:
+        y = y + f64(bias)
+    if data_format == "channels_first":
+        y = np.moveaxis(y, -1, 1)
+    return y
+
+
+def lora_conv_nd(x, kernel, bias, a, b, s, **conv_kwargs):
+    """`lora_conv2d` for any number of spatial axes, with `conv_nd`:
+    conv(x, W) + s * conv1x1(conv(x, A), B), never forming W + s A B."""
+    groups = conv_kwargs.get("groups", 1)
+    data_format = conv_kwargs.get("data_format", "channels_last")
+    base = conv_nd(x, kernel, bias, **conv_kwargs)
+    a = f64(a)
+    k, r = a.ndim - 2, a.shape[-1]
+    h = conv_nd(x, np.concatenate([a] * groups, axis=-1), None, **conv_kwargs)
+    up = conv_nd(
+        h,
+        f64(b).reshape((1,) * k + (r, -1)),
+        None,
+        groups=groups,
+        data_format=data_format,
+    )
+    return base + s * up
+
+
 def conv_delta(a, b, s):
     """`s * tensordot(A, B)`: (kh, kw, c/g, r) x (r, filters) -> kernel."""
     return s * np.tensordot(f64(a), f64(b), axes=1)

@@ -65,6 +65,18 @@ LAYERS = {
         lambda **kw: kl.LoRAConv2D(4, 3, **kw),
         lambda rng: rng.normal(size=(2, 6, 6, 3)).astype("float32"),
     ),
+    "conv1d": (
+        kl.LoRAConv1D,
+        lambda **kw: keras.layers.Conv1D(4, 3, padding="causal", **kw),
+        lambda **kw: kl.LoRAConv1D(4, 3, padding="causal", **kw),
+        lambda rng: rng.normal(size=(2, 6, 3)).astype("float32"),
+    ),
+    "conv3d": (
+        kl.LoRAConv3D,
+        lambda **kw: keras.layers.Conv3D(4, 2, **kw),
+        lambda **kw: kl.LoRAConv3D(4, 2, **kw),
+        lambda rng: rng.normal(size=(2, 4, 4, 4, 3)).astype("float32"),
+    ),
     "embedding": (
         kl.LoRAEmbedding,
         lambda **kw: keras.layers.Embedding(20, 8, **kw),
@@ -325,7 +337,7 @@ def _train_steps(layer, x, steps=3):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_c02_dtype_policies_train_adapters(rng, policy):
-    """C02 for every layer (one model holding all five) and policy: adapters
+    """C02 for every layer (one model holding all seven) and policy: adapters
     float32, outputs finite and in the compute dtype, Adam moves the
     adapters every step.
 
@@ -336,7 +348,7 @@ def test_c02_dtype_policies_train_adapters(rng, policy):
     keras.config.set_dtype_policy(policy)
     model, inputs = _all_layers_model(rng, nonzero=False)
     layers = [x for x in model.layers if isinstance(x, kl.LoRALayer)]
-    assert len(layers) == 5
+    assert len(layers) == 7
     for layer in layers:
         assert layer.dtype_policy.name == policy
         for w in layer.adapter_weights().values():
@@ -346,7 +358,7 @@ def test_c02_dtype_policies_train_adapters(rng, policy):
     # Eager calls of the reverse projection give the compute dtype (as the
     # plain layer does); inside a Functional model Keras hands it back as
     # float32 under mixed policies, so both are accepted for that output.
-    expected_dtypes = [{compute}] * 4 + [{compute, "float32"}]
+    expected_dtypes = [{compute}] * 4 + [{compute, "float32"}] + [{compute}] * 2
     for out, dtypes in zip(outs, expected_dtypes, strict=True):
         assert keras.backend.standardize_dtype(out.dtype) in dtypes
         assert np.all(np.isfinite(np_(ops.cast(out, "float32"))))
@@ -484,7 +496,15 @@ def test_c12_fit_changes_only_adapters(rng, train_bias):
 
 
 @pytest.mark.parametrize(
-    "name", ["einsum_dense", "conv2d", "embedding", "reversible_embedding"]
+    "name",
+    [
+        "einsum_dense",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "embedding",
+        "reversible_embedding",
+    ],
 )
 def test_fit_keeps_base_bit_identical(rng, name):
     layer, x = make(name, rng, rank=2)
@@ -587,11 +607,17 @@ def _all_layers_model(rng, nonzero=True):
     x_in = keras.Input((3, 8), name="x")
     img_in = keras.Input((6, 6, 3), name="img")
     ids_in = keras.Input((5,), dtype="int32", name="ids")
+    seq_in = keras.Input((6, 3), name="seq")
+    vol_in = keras.Input((4, 4, 4, 2), name="vol")
     dense = kl.LoRADense(8, rank=2, alpha=4, name="dense")
     einsum = kl.LoRAEinsumDense(
         "btd,ndh->btnh", (3, 2, 3), bias_axes="nh", rank=2, name="einsum"
     )
     conv = kl.LoRAConv2D(4, 3, rank=2, use_rslora=True, name="conv")
+    conv1 = kl.LoRAConv1D(
+        6, 3, padding="causal", groups=3, rank=2, alpha=3, name="conv1"
+    )
+    conv3 = kl.LoRAConv3D(4, 2, strides=2, rank=2, name="conv3")
     emb = kl.LoRAEmbedding(20, 8, rank=2, mask_zero=True, name="emb")
     rev = kl.LoRAReversibleEmbedding(
         20, 8, rank=2, tie_weights=False, name="rev"
@@ -603,15 +629,19 @@ def _all_layers_model(rng, nonzero=True):
         emb(ids_in),
         rev(ids_in),
         rev(h, reverse=True),
+        conv1(seq_in),
+        conv3(vol_in),
     ]
-    model = keras.Model([x_in, img_in, ids_in], outputs)
+    model = keras.Model([x_in, img_in, ids_in, seq_in, vol_in], outputs)
     if nonzero:
-        for layer in (dense, einsum, conv, emb, rev):
+        for layer in (dense, einsum, conv, emb, rev, conv1, conv3):
             set_adapters(layer, rng)
     inputs = [
         rng.normal(size=(2, 3, 8)).astype("float32"),
         rng.normal(size=(2, 6, 6, 3)).astype("float32"),
         rng.integers(0, 20, size=(2, 5)).astype("int32"),
+        rng.normal(size=(2, 6, 3)).astype("float32"),
+        rng.normal(size=(2, 4, 4, 4, 2)).astype("float32"),
     ]
     return model, inputs
 
@@ -766,10 +796,11 @@ _LOAD_SCRIPT = textwrap.dedent(
     model = keras.saving.load_model(path)
     kinds = sorted(type(l).__name__ for l in model.layers
                    if isinstance(l, kl.LoRALayer))
-    assert kinds == ["LoRAConv2D", "LoRADense", "LoRAEinsumDense",
-                     "LoRAEmbedding", "LoRAReversibleEmbedding"], kinds
+    assert kinds == ["LoRAConv1D", "LoRAConv2D", "LoRAConv3D", "LoRADense",
+                     "LoRAEinsumDense", "LoRAEmbedding",
+                     "LoRAReversibleEmbedding"], kinds
     data = np.load(inputs_path)
-    outs = model([data["x"], data["img"], data["ids"]])
+    outs = model([data[k] for k in ("x", "img", "ids", "seq", "vol")])
     np.savez(out_path, *[keras.ops.convert_to_numpy(o) for o in outs])
     """
 )
@@ -783,7 +814,10 @@ def test_same_weights_same_outputs_on_every_backend(rng, tmp_path):
     outs = [np_(o) for o in model(inputs)]
     path = tmp_path / "all.keras"
     model.save(path)
-    np.savez(tmp_path / "inputs.npz", x=inputs[0], img=inputs[1], ids=inputs[2])
+    np.savez(
+        tmp_path / "inputs.npz",
+        **dict(zip(("x", "img", "ids", "seq", "vol"), inputs, strict=True)),
+    )
     script = tmp_path / "load.py"
     script.write_text(_LOAD_SCRIPT)
     for backend in sorted({"tensorflow", "jax", "torch"} - {BACKEND}):

@@ -359,19 +359,39 @@ def test_named_adapters_belong_to_the_layers_not_a_model_object(lm):
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_c22_conv2d_mixed_batch_gives_each_example_its_adapter(groups):
+@pytest.mark.parametrize(
+    "cls, spatial, kwargs",
+    [
+        (keras_lora.LoRAConv1D, (6,), {"padding": "causal"}),
+        (keras_lora.LoRAConv2D, (6, 6), {}),
+        (keras_lora.LoRAConv3D, (4, 4, 4), {"strides": 2}),
+    ],
+    ids=["conv1d", "conv2d", "conv3d"],
+)
+def test_c22_conv_mixed_batch_gives_each_example_its_adapter(
+    groups, cls, spatial, kwargs
+):
     """C22: Conv2D(4, 3), rank 2, "default" and "b" with different B, a
     mixed batch of 2 images assigned "default" and "b": each image gets
     its own adapter's output (the same as running it alone with that
-    adapter active), and the two differ."""
-    inputs = keras.Input((6, 6, 2))
-    layer = keras_lora.LoRAConv2D(4, 3, groups=groups, rank=2, name="conv")
+    adapter active), and the two differ. The same for Conv1D (causal) and
+    Conv3D."""
+    inputs = keras.Input(spatial + (2,))
+    layer = cls(
+        4,
+        3 if len(spatial) < 3 else 2,
+        groups=groups,
+        rank=2,
+        name="conv",
+        **kwargs,
+    )
     model = keras.Model(inputs, layer(inputs))
     assign(model, random_adapter(model, 0))
     multi.add_adapter(model, "b", random_adapter(model, 1))
     b_tensors = multi.adapter_tensors(model, "b")
     assert not close(b_tensors["conv.lora_b"], to_numpy(layer.lora_b))
-    x = np.random.default_rng(4).normal(size=(2, 6, 6, 2)).astype("float32")
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2,) + spatial + (2,)).astype("float32")
     adapter_ids = np.array([0, 1], "int32")
     expected = per_example_reference(model, x, adapter_ids)
     out = to_numpy(multi.mixed_batch_call(model, x, adapter_ids))

@@ -1,14 +1,18 @@
 """LoRA layers: Keras layers with a frozen weight and a low-rank adapter."""
 
 from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.conv import LoRAConv1D
 from keras_lora.layers.conv import LoRAConv2D
+from keras_lora.layers.conv import LoRAConv3D
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
 from keras_lora.layers.embedding import LoRAReversibleEmbedding
 
 __all__ = [
+    "LoRAConv1D",
     "LoRAConv2D",
+    "LoRAConv3D",
     "LoRADense",
     "LoRAEinsumDense",
     "LoRAEmbedding",
