@@ -17,12 +17,16 @@ reads to join the others over 127.0.0.1:
 Each output line is prefixed with its process index. When a process exits
 with an error, the others are stopped and the launcher exits with that
 process's code, naming it; after `--timeout` seconds every process is
-stopped and the launcher exits with code 124. Nothing is left running.
+stopped and the launcher exits with code 124. Nothing is left running:
+each process runs in its own process group, which is stopped as a whole
+(programs it started included), also when the launcher itself gets SIGTERM
+or SIGHUP.
 """
 
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -116,24 +120,49 @@ def process_environments(num_processes, port=None, devices_per_process=None):
 
 def _relay(stream, index, out, lock):
     for line in iter(stream.readline, ""):
+        if not line.endswith("\n"):
+            line += "\n"
         with lock:
             out.write(f"[{index}] {line}")
             out.flush()
     stream.close()
 
 
+def _signal_group(proc, signum):
+    """Sends `signum` to the process group of `proc` (each process is
+    started in its own session), so the programs it started get it too."""
+    try:
+        os.killpg(proc.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _stop(procs, grace=10.0):
     for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        _signal_group(proc, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for proc in procs:
         if proc.poll() is None:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                pass
+        # Whatever of the group is left (the process or what it started).
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
+
+def _signal_name(signum):
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # e.g. a real-time signal
+        return f"signal {signum}"
+
+
+def _stop_on_signal(signum, frame):
+    """SIGTERM / SIGHUP to the launcher: leave through `launch`'s cleanup
+    (every process stopped), exiting 128 + the signal number."""
+    raise SystemExit(128 + signum)
 
 
 def launch(
@@ -167,6 +196,8 @@ def launch(
     Raises:
         ValueError: `command` is empty, or an argument is out of range.
     """
+    if command[:1] == ["--"]:
+        command = command[1:]
     if not command:
         raise ValueError("`command` must name a program. Received: []")
     if timeout is not None and not timeout > 0:
@@ -178,6 +209,11 @@ def launch(
     stderr = sys.stderr if stderr is None else stderr
     if command[0].endswith(".py"):
         command = [sys.executable, *command]
+    elif shutil.which(command[0]) is None:
+        raise ValueError(
+            "`command` must start with a program on the PATH or a `.py` "
+            f"script. Received: command={command!r}"
+        )
     environments = process_environments(
         num_processes, port=port, devices_per_process=devices_per_process
     )
@@ -191,6 +227,7 @@ def launch(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                errors="replace",
                 start_new_session=True,
             )
             procs.append(proc)
@@ -209,7 +246,7 @@ def launch(
                 if code < 0:
                     # Killed by a signal (e.g. JAX aborts a process whose
                     # peers never joined): the shell's 128 + signal number.
-                    how = f"was killed by {signal.Signals(-code).name}"
+                    how = f"was killed by {_signal_name(-code)}"
                     code = 128 - code
                 else:
                     how = f"exited with code {code}"
@@ -250,6 +287,8 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop_on_signal)
     try:
         return launch(
             args.command,

@@ -24,29 +24,50 @@ import keras
 import numpy as np
 
 
+def _tf_config_error(raw, problem):
+    return ValueError(
+        f"The TF_CONFIG environment variable {problem}; it must be JSON of "
+        "the form {'cluster': {'worker': [addresses], ...}, 'task': "
+        "{'type': 'worker', 'index': i}} with i in range. Received: "
+        f"TF_CONFIG={raw!r}"
+    )
+
+
 def _tf_config_task():
-    """`(index, count)` from `TF_CONFIG`'s chief and worker tasks, or None."""
+    """`(index, count)` from `TF_CONFIG`'s chief and worker tasks, or None
+    when it names no chief or worker task (unset, `ps`, `evaluator`)."""
     raw = os.environ.get("TF_CONFIG")
     if not raw:
         return None
     try:
         config = json.loads(raw)
-        cluster = config.get("cluster", {})
-        task = config.get("task", {})
-        chiefs = len(cluster.get("chief", []))
-        workers = len(cluster.get("worker", []))
-        kind, index = task.get("type"), int(task.get("index", 0))
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ValueError(
-            f"The TF_CONFIG environment variable is not valid JSON of the "
-            f"form {{'cluster': ..., 'task': ...}}: {e}. Received: "
-            f"TF_CONFIG={raw!r}"
-        ) from None
-    if kind == "chief":
-        return index, chiefs + workers
-    if kind == "worker":
-        return chiefs + index, chiefs + workers
-    return None
+    except ValueError:
+        raise _tf_config_error(raw, "is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise _tf_config_error(raw, "is not a JSON object")
+    cluster, task = config.get("cluster", {}), config.get("task", {})
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise _tf_config_error(
+            raw, "has a `cluster` or `task` that is not an object"
+        )
+    kind = task.get("type")
+    if kind not in ("chief", "worker"):
+        return None
+    jobs = {}
+    for job in ("chief", "worker"):
+        addresses = cluster.get(job, [])
+        if not isinstance(addresses, list):
+            raise _tf_config_error(raw, f"lists `{job}` tasks as a non-list")
+        jobs[job] = len(addresses)
+    index = task.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise _tf_config_error(raw, "has a task index that is not an integer")
+    if not 0 <= index < jobs[kind]:
+        raise _tf_config_error(
+            raw, f"names {kind} {index}, which its cluster does not list"
+        )
+    count = jobs["chief"] + jobs["worker"]
+    return (index if kind == "chief" else jobs["chief"] + index), count
 
 
 def _torch_group():
