@@ -87,6 +87,20 @@ KINDS = {
         ("kernel", "bias"),
         KERNEL_INIT,
     ),
+    "conv1d": Kind(
+        lambda **kw: keras.layers.Conv1D(4, 3, padding="causal", **kw),
+        lambda **kw: kl.LoRAConv1D(4, 3, padding="causal", rank=RANK, **kw),
+        _floats((2, 6, 3)),
+        ("kernel", "bias"),
+        KERNEL_INIT,
+    ),
+    "conv3d": Kind(
+        lambda **kw: keras.layers.Conv3D(4, 2, **kw),
+        lambda **kw: kl.LoRAConv3D(4, 2, rank=RANK, **kw),
+        _floats((2, 4, 4, 4, 3)),
+        ("kernel", "bias"),
+        KERNEL_INIT,
+    ),
     "embedding": Kind(
         lambda **kw: keras.layers.Embedding(12, 5, **kw),
         lambda **kw: kl.LoRAEmbedding(12, 5, rank=RANK, **kw),
@@ -747,7 +761,9 @@ def test_regularization_losses_are_a_frozen_plain_layers(rng, name):
     assert trainable_losses == 1 + len(KINDS[name].weights)
 
 
-@pytest.mark.parametrize("name", ["dense", "einsum_dense", "conv2d"])
+@pytest.mark.parametrize(
+    "name", ["dense", "einsum_dense", "conv1d", "conv2d", "conv3d"]
+)
 def test_train_bias_regularizes_the_bias(rng, name):
     """With `train_bias=True` the bias is trainable, so Keras's rule adds
     its `bias_regularizer` loss: the same losses as a plain layer whose
