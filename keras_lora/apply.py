@@ -79,6 +79,36 @@ ALL_LINEAR = "all-linear"
 LINEAR_TYPES = (keras.layers.Dense, keras.layers.EinsumDense)
 
 
+#: `targets="all-conv"`: every convolution layer (Keras's 1-D, 2-D and 3-D,
+#: transposed, depthwise and separable convolutions); those keras_lora
+#: cannot adapt are a `TypeError`, as when `targets` names them.
+ALL_CONV = "all-conv"
+
+#: Layer types `"all-conv"` selects.
+CONV_TYPES = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+    keras.layers.DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv1D,
+    keras.layers.SeparableConv2D,
+)
+
+
+class _AllConv:
+    """The `"all-conv"` target: a callable `(path, layer) -> bool`."""
+
+    def __call__(self, path, layer):
+        return isinstance(layer, CONV_TYPES)
+
+    def __repr__(self):
+        return repr(ALL_CONV)
+
+
 class _AllLinear:
     """The `"all-linear"` target: a callable `(path, layer) -> bool`."""
 
@@ -143,8 +173,9 @@ def output_heads(model):
 
 
 def _expand_targets(model, layers, targets, argument="targets"):
-    """`targets` (or `exclude`) with `"all-linear"` replaced by its
-    selector; `layers` are the model's `iter_layers` pairs."""
+    """`targets` (or `exclude`) with `"all-linear"` and `"all-conv"`
+    replaced by their selectors; `layers` are the model's `iter_layers`
+    pairs."""
     if isinstance(targets, str):
         entries = [targets]
     elif isinstance(targets, collections.abc.Iterable) and not isinstance(
@@ -153,6 +184,16 @@ def _expand_targets(model, layers, targets, argument="targets"):
         entries = list(targets)
     else:
         return targets
+    if any(isinstance(t, str) and t == ALL_CONV for t in entries):
+        if not any(_AllConv()(p, lay) for p, lay in layers):
+            raise ValueError(
+                f"`{argument}='{ALL_CONV}'` selects nothing: the model has no "
+                f"convolution layer. Received: {argument}={targets!r}"
+            )
+        entries = [
+            _AllConv() if isinstance(t, str) and t == ALL_CONV else t
+            for t in entries
+        ]
     if not any(isinstance(t, str) and t == ALL_LINEAR for t in entries):
         return entries
     heads = output_heads(model)
@@ -323,18 +364,6 @@ def _select(model, layers, stable, targets, exclude):
             for p, lay in layers
             if any(_matches(t, p, lay) for t in targets)
         ]
-        wrong = [
-            f"{p} ({type(lay).__name__})"
-            for p, lay in selected
-            if lora_class_for(lay) is None
-        ]
-        if wrong:
-            raise TypeError(
-                "`targets` selects layers keras_lora cannot adapt (supported: "
-                "Dense, EinsumDense, Conv1D, Conv2D, Conv3D, Embedding, "
-                "ReversibleEmbedding): "
-                f"{wrong}"
-            )
     if exclude is not None:
         _unmatched(exclude, layers, "`exclude` entries", adaptable)
         selected = [
@@ -342,6 +371,17 @@ def _select(model, layers, stable, targets, exclude):
             for p, lay in selected
             if not any(_matches(e, p, lay) for e in exclude)
         ]
+    wrong = [
+        f"{p} ({type(lay).__name__})"
+        for p, lay in selected
+        if lora_class_for(lay) is None
+    ]
+    if wrong:
+        raise TypeError(
+            "`targets` selects layers keras_lora cannot adapt (supported: "
+            "Dense, EinsumDense, Conv1D, Conv2D, Conv3D, Embedding, "
+            f"ReversibleEmbedding): {wrong}; `exclude` them."
+        )
     # Sub-layers the model never builds (never calls) are left alone;
     # `lora_report` lists them.
     unbuilt = [p for p, lay in selected if not lay.built]
@@ -477,13 +517,16 @@ def apply_lora(
             `"all-linear"`: every Dense and EinsumDense except the model's
             output head (see `keras_lora.apply.output_heads`), as PEFT's
             `target_modules="all-linear"`; it can be combined with other
-            entries and with `exclude`. Otherwise a str, compiled regex,
-            layer class or callable `(path, layer) -> bool`, or a list of
-            them. A str matches a
+            entries and with `exclude`. `"all-conv"`: every convolution
+            layer (Conv1D, Conv2D, Conv3D; a transposed, depthwise or
+            separable one is a `TypeError`, as when named: `exclude` it).
+            Otherwise a str, compiled regex, layer class or callable
+            `(path, layer) -> bool`, or a list of them. A str matches a
             layer name, a path, a trailing part of a path
             (`"attention/query"`), or a glob on the path; a regex must
             fullmatch the path. Every entry must match some layer.
-        exclude: the same kinds as `targets` (`"all-linear"` too); matches
+        exclude: the same kinds as `targets` (`"all-linear"` and
+            `"all-conv"` too); matches
             are not adapted. Every entry must match some layer.
         dropout: float in [0, 1), LoRA dropout. Defaults to `0.0`.
         use_rslora: bool, scale by `alpha / sqrt(rank)`. Defaults to `False`.

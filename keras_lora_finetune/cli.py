@@ -203,8 +203,8 @@ def build_parser():
         type=_name_list("--targets"),
         default=None,
         help="comma-separated layer names/patterns to adapt, or all-linear "
-        "(every Dense and EinsumDense but the head) (default: the attention "
-        "query and value projections)",
+        "(every Dense and EinsumDense but the head) or all-conv (every "
+        "convolution) (default: the attention query and value projections)",
     )
     p.add_argument(
         "--exclude",

@@ -302,6 +302,29 @@ def test_all_linear_targets_every_projection_but_the_head():
     assert sorted(selected) == sorted(p for p in linear if p != "head")
 
 
+def test_all_conv_targets_on_a_model_without_convolutions_is_refused():
+    """`--targets all-conv` on the command's BERT model (no convolution):
+    a ValueError naming the option value."""
+    import keras_hub
+
+    import keras_lora
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=30,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=6,
+    )
+    model = job.build_model(backbone, "regression", 0, 0.5, 2.0)
+    args = cli.parse_args(["--targets", "all-conv", "--output", "x"])
+    assert args.targets == ["all-conv"]
+    with pytest.raises(ValueError, match="no convolution layer") as info:
+        keras_lora.select_targets(model, args.targets)
+    assert "targets='all-conv'" in str(info.value)
+
+
 def test_targets_option_splits_names():
     args = cli.parse_args(
         ["--targets", "query, value", "--exclude", "layer_0", "--output", "x"]
