@@ -22,6 +22,7 @@ if ROOT not in sys.path:
 
 from benchmarks import common  # noqa: E402
 from benchmarks import inference  # noqa: E402
+from benchmarks import layers  # noqa: E402
 from benchmarks import lora_branch  # noqa: E402
 from benchmarks import memory  # noqa: E402
 from benchmarks import profile_step  # noqa: E402
@@ -293,3 +294,45 @@ def test_lora_branch_forms_agree(tmp_path):
         _positive_finite(v) for v in result["ms_forward_backward"].values()
     )
     assert result["vs_einsum"]["einsum"] == 1.0
+
+
+def test_layer_table_has_every_lora_layer_kind(tmp_path):
+    """One row per LoRA layer kind, the LoRA variant training r * (d + k)
+    numbers (A and B only) and the plain layer all of its weights."""
+    result = layers.main(
+        ["--size", "smoke", "--device", DEVICE, "--out", str(tmp_path)]
+    )
+    rows = result["results"]
+    assert list(rows) == [
+        "Dense",
+        "EinsumDense",
+        "Conv1D",
+        "Conv2D",
+        "Conv3D",
+        "Embedding",
+    ]
+    r = result["rank"]
+    for kind, row in rows.items():
+        kernel = row["kernel_shape"]
+        params = row["trainable_params"]
+        if kind == "EinsumDense":
+            d_in, d_out = kernel[0], kernel[1] * kernel[2]
+        elif kind == "Embedding":
+            d_in, d_out = kernel
+        else:
+            d_in, d_out = math.prod(kernel[:-1]), kernel[-1]
+        assert params["lora"] == r * (d_in + d_out), kind
+        assert params["plain"] >= math.prod(kernel), kind
+        assert all(_positive_finite(v) for v in row["ms"].values())
+        assert _positive_finite(row["lora/plain"]["median"])
+    assert os.path.exists(
+        tmp_path / f"layers_{keras.backend.backend()}_{DEVICE}.json"
+    )
+
+
+def test_performance_page_layer_table_is_the_scripts():
+    """docs/performance.md shows exactly `benchmarks.layers.table()` of the
+    JSON in benchmarks/results (every number from the script)."""
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        page = f.read()
+    assert layers.table(os.path.join(ROOT, "benchmarks", "results")) in page
