@@ -1,6 +1,7 @@
 """Every LoRA layer against its plain Keras layer: one training step each.
 
-For each layer kind (Dense, EinsumDense, Conv1D, Conv2D, Conv3D, Embedding)
+For each layer kind (Dense, EinsumDense, Conv1D, Conv2D, Conv3D,
+Conv2DTranspose, Embedding)
 a one-layer model is trained with `train_on_batch` (SGD, MSE), compiled as
 Keras compiles it on the backend, in two variants built from the same
 weights: `plain` (the Keras layer, every weight trained: full fine-tuning)
@@ -61,6 +62,14 @@ def layer_cases(scale):
             lambda: keras.layers.Conv3D(c, 3, padding="same"),
             kl.LoRAConv3D,
             (2, 8, 8, 8, c),
+            False,
+        ),
+        "Conv2DTranspose": (
+            lambda: keras.layers.Conv2DTranspose(
+                c, 3, strides=2, padding="same"
+            ),
+            kl.LoRAConv2DTranspose,
+            (8, 8, 8, c),
             False,
         ),
         "Embedding": (

@@ -9,8 +9,11 @@ from keras_lora.distribution import lora_layout_map
 from keras_lora.distribution import variable_layouts
 from keras_lora.export import export_saved_model
 from keras_lora.layers import LoRAConv1D
+from keras_lora.layers import LoRAConv1DTranspose
 from keras_lora.layers import LoRAConv2D
+from keras_lora.layers import LoRAConv2DTranspose
 from keras_lora.layers import LoRAConv3D
+from keras_lora.layers import LoRAConv3DTranspose
 from keras_lora.layers import LoRADense
 from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRAEmbedding
@@ -30,6 +33,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterCheckpoint",
     "LoRAConv1D",
+    "LoRAConv1DTranspose",
+    "LoRAConv2DTranspose",
+    "LoRAConv3DTranspose",
     "LoRAConv2D",
     "LoRAConv3D",
     "LoRADense",

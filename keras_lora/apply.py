@@ -81,7 +81,8 @@ LINEAR_TYPES = (keras.layers.Dense, keras.layers.EinsumDense)
 
 #: `targets="all-conv"`: every convolution layer (Keras's 1-D, 2-D and 3-D,
 #: transposed, depthwise and separable convolutions); those keras_lora
-#: cannot adapt are a `TypeError`, as when `targets` names them.
+#: cannot adapt (depthwise, separable) are a `TypeError`, as when `targets`
+#: names them.
 ALL_CONV = "all-conv"
 
 #: Layer types `"all-conv"` selects.
@@ -379,8 +380,9 @@ def _select(model, layers, stable, targets, exclude):
     if wrong:
         raise TypeError(
             "`targets` selects layers keras_lora cannot adapt (supported: "
-            "Dense, EinsumDense, Conv1D, Conv2D, Conv3D, Embedding, "
-            f"ReversibleEmbedding): {wrong}; `exclude` them."
+            "Dense, EinsumDense, Conv1D, Conv2D, Conv3D, their Transpose "
+            "forms, Embedding, ReversibleEmbedding): "
+            f"{wrong}; `exclude` them."
         )
     # Sub-layers the model never builds (never calls) are left alone;
     # `lora_report` lists them.
@@ -512,13 +514,13 @@ def apply_lora(
             and value projections (by name or attribute name: `query`,
             `value`, `q_proj`, `v_proj`, ... and fused `qkv` layers; see
             `DEFAULT_ATTENTION_NAMES`), the LoRA paper's choice; if the
-            model has none, every Dense, EinsumDense, Conv1D, Conv2D and
-            Conv3D.
+            model has none, every Dense, EinsumDense and convolution
+            keras_lora adapts (Conv1D/2D/3D and their Transpose forms).
             `"all-linear"`: every Dense and EinsumDense except the model's
             output head (see `keras_lora.apply.output_heads`), as PEFT's
             `target_modules="all-linear"`; it can be combined with other
             entries and with `exclude`. `"all-conv"`: every convolution
-            layer (Conv1D, Conv2D, Conv3D; a transposed, depthwise or
+            layer (Conv1D/2D/3D and their Transpose forms; a depthwise or
             separable one is a `TypeError`, as when named: `exclude` it).
             Otherwise a str, compiled regex, layer class or callable
             `(path, layer) -> bool`, or a list of them. A str matches a

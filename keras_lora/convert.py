@@ -5,8 +5,11 @@ import keras
 
 from keras_lora import _keras_private
 from keras_lora.layers import LoRAConv1D
+from keras_lora.layers import LoRAConv1DTranspose
 from keras_lora.layers import LoRAConv2D
+from keras_lora.layers import LoRAConv2DTranspose
 from keras_lora.layers import LoRAConv3D
+from keras_lora.layers import LoRAConv3DTranspose
 from keras_lora.layers import LoRADense
 from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRAEmbedding
@@ -22,6 +25,9 @@ LORA_CLASSES = (
     LoRAEmbedding,
     LoRAEinsumDense,
     LoRAConv1D,
+    LoRAConv1DTranspose,
+    LoRAConv2DTranspose,
+    LoRAConv3DTranspose,
     LoRAConv2D,
     LoRAConv3D,
     LoRADense,

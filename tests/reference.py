@@ -225,6 +225,66 @@ def conv_nd(
     return y
 
 
+def conv_transpose_nd(
+    x,
+    kernel,
+    bias,
+    out_spatial,
+    strides=1,
+    padding="valid",
+    dilation_rate=1,
+    data_format="channels_last",
+):
+    """Transposed convolution as the adjoint of `conv_nd`, its definition
+    in TensorFlow (the gradient of a convolution with respect to its input).
+
+    `kernel` is Keras's `kernel_size + (filters, in_channels)`: as a
+    `conv_nd` kernel it maps a `filters`-channel input of spatial shape
+    `out_spatial` to an `in_channels` one of `x`'s spatial shape; the
+    result is that linear map's transpose applied to `x`, built column by
+    column from the basis of the `filters`-channel space.
+    """
+    x = f64(x)
+    if data_format == "channels_first":
+        x = np.moveaxis(x, 1, -1)
+    w = f64(kernel)
+    filters = w.shape[-2]
+    size = math.prod(out_spatial) * filters
+    basis = np.eye(size).reshape((size, *out_spatial, filters))
+    columns = conv_nd(
+        basis,
+        w,
+        strides=strides,
+        padding=padding,
+        dilation_rate=dilation_rate,
+    )
+    assert columns.shape[1:] == x.shape[1:], (columns.shape, x.shape)
+    y = np.tensordot(x, columns, axes=(range(1, x.ndim), range(1, x.ndim)))
+    y = y.reshape((x.shape[0], *out_spatial, filters))
+    if bias is not None:
+        y = y + f64(bias)
+    if data_format == "channels_first":
+        y = np.moveaxis(y, -1, 1)
+    return y
+
+
+def lora_conv_transpose_nd(x, kernel, bias, a, b, s, out_spatial, **kwargs):
+    """Unmerged LoRA of a transposed convolution with `conv_transpose_nd`:
+    the base, plus a transposed convolution with A (as the kernel
+    `swapaxes(A, -1, -2)`, into r channels) followed by B per position."""
+    data_format = kwargs.get("data_format", "channels_last")
+    base = conv_transpose_nd(x, kernel, bias, out_spatial, **kwargs)
+    h = conv_transpose_nd(
+        x, np.swapaxes(f64(a), -1, -2), None, out_spatial, **kwargs
+    )
+    if data_format == "channels_first":
+        h = np.moveaxis(h, 1, -1)
+    up = h @ f64(b)
+    if data_format == "channels_first":
+        up = np.moveaxis(up, -1, 1)
+    return base + s * up
+
+
 def lora_conv_nd(x, kernel, bias, a, b, s, **conv_kwargs):
     """`lora_conv2d` for any number of spatial axes, with `conv_nd`:
     conv(x, W) + s * conv1x1(conv(x, A), B), never forming W + s A B."""

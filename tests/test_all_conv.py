@@ -1,6 +1,6 @@
 """`targets="all-conv"`: every convolution layer, on keras-hub's audio
 backbones (Whisper's and Moonshine's Conv1D front ends) and a Keras model
-with 1-D, 2-D, 3-D and transposed convolutions."""
+with 1-D, 2-D, 3-D, transposed and depthwise convolutions."""
 
 import keras
 import numpy as np
@@ -58,23 +58,26 @@ def _conv_model():
     s = keras.layers.Conv1D(4, 3, padding="causal", name="c1")(seq)
     i = keras.layers.Conv2D(4, 3, name="c2")(img)
     i = keras.layers.Conv2DTranspose(2, 3, name="up")(i)
+    i = keras.layers.DepthwiseConv2D(3, name="dw")(i)
     v = keras.layers.Conv3D(4, 2, name="c3")(vol)
     out = keras.layers.Dense(2, name="head")(keras.layers.Flatten()(v))
     return keras.Model([seq, img, vol], [s, i, out])
 
 
 def test_all_conv_refuses_a_convolution_it_cannot_adapt_and_exclude():
-    """A transposed convolution is a convolution too: `all-conv` selects it
+    """A depthwise convolution is a convolution too: `all-conv` selects it
     and is refused (TypeError naming it) rather than silently skipping it;
-    `exclude=` leaves it out; combined with a Dense name."""
+    `exclude=` leaves it out; combined with a Dense name; the transposed
+    convolution is adapted."""
     model = _conv_model()
-    with pytest.raises(TypeError, match=r"up \(Conv2DTranspose\)"):
+    with pytest.raises(TypeError, match=r"dw \(DepthwiseConv2D\)"):
         kl.apply_lora(model, rank=2, targets="all-conv")
     assert not kl.lora_layers(model)
     lora = kl.apply_lora(
-        model, rank=2, targets=["all-conv", "head"], exclude=["up"]
+        model, rank=2, targets=["all-conv", "head"], exclude=["dw"]
     )
-    assert sorted(kl.lora_layers(lora)) == ["c1", "c2", "c3", "head"]
+    assert sorted(kl.lora_layers(lora)) == ["c1", "c2", "c3", "head", "up"]
+    assert isinstance(kl.lora_layers(lora)["up"], kl.LoRAConv2DTranspose)
     with pytest.raises(ValueError, match="No layer left to adapt"):
         kl.select_targets(model, "all-conv", exclude="all-conv")
 

@@ -309,6 +309,7 @@ def test_layer_table_has_every_lora_layer_kind(tmp_path):
         "Conv1D",
         "Conv2D",
         "Conv3D",
+        "Conv2DTranspose",
         "Embedding",
     ]
     r = result["rank"]
@@ -319,6 +320,8 @@ def test_layer_table_has_every_lora_layer_kind(tmp_path):
             d_in, d_out = kernel[0], kernel[1] * kernel[2]
         elif kind == "Embedding":
             d_in, d_out = kernel
+        elif kind == "Conv2DTranspose":  # (kh, kw, filters, in_channels)
+            d_in, d_out = math.prod(kernel[:-2]) * kernel[-1], kernel[-2]
         else:
             d_in, d_out = math.prod(kernel[:-1]), kernel[-1]
         assert params["lora"] == r * (d_in + d_out), kind

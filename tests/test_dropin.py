@@ -101,6 +101,13 @@ KINDS = {
         ("kernel", "bias"),
         KERNEL_INIT,
     ),
+    "conv2d_transpose": Kind(
+        lambda **kw: keras.layers.Conv2DTranspose(4, 3, strides=2, **kw),
+        lambda **kw: kl.LoRAConv2DTranspose(4, 3, strides=2, rank=RANK, **kw),
+        _floats((2, 4, 4, 3)),
+        ("kernel", "bias"),
+        KERNEL_INIT,
+    ),
     "embedding": Kind(
         lambda **kw: keras.layers.Embedding(12, 5, **kw),
         lambda **kw: kl.LoRAEmbedding(12, 5, rank=RANK, **kw),
@@ -762,7 +769,8 @@ def test_regularization_losses_are_a_frozen_plain_layers(rng, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["dense", "einsum_dense", "conv1d", "conv2d", "conv3d"]
+    "name",
+    ["dense", "einsum_dense", "conv1d", "conv2d", "conv3d", "conv2d_transpose"],
 )
 def test_train_bias_regularizes_the_bias(rng, name):
     """With `train_bias=True` the bias is trainable, so Keras's rule adds

@@ -77,6 +77,12 @@ LAYERS = {
         lambda **kw: kl.LoRAConv3D(4, 2, **kw),
         lambda rng: rng.normal(size=(2, 4, 4, 4, 3)).astype("float32"),
     ),
+    "conv2d_transpose": (
+        kl.LoRAConv2DTranspose,
+        lambda **kw: keras.layers.Conv2DTranspose(4, 3, strides=2, **kw),
+        lambda **kw: kl.LoRAConv2DTranspose(4, 3, strides=2, **kw),
+        lambda rng: rng.normal(size=(2, 4, 4, 3)).astype("float32"),
+    ),
     "embedding": (
         kl.LoRAEmbedding,
         lambda **kw: keras.layers.Embedding(20, 8, **kw),
@@ -176,9 +182,10 @@ def test_from_layer_rejects_bad_bases(rng, name):
         cls.from_layer(lora, rank=2)
     keras_lora_base = base_factory()
     keras_lora_base(inputs(rng))
-    keras_lora_base.enable_lora(2)
-    with pytest.raises(ValueError, match="built-in LoRA"):
-        cls.from_layer(keras_lora_base, rank=2)
+    if hasattr(keras_lora_base, "enable_lora"):  # not on transposed convs
+        keras_lora_base.enable_lora(2)
+        with pytest.raises(ValueError, match="built-in LoRA"):
+            cls.from_layer(keras_lora_base, rank=2)
 
 
 def test_from_layer_rejects_computing_subclass(rng):
@@ -502,6 +509,7 @@ def test_c12_fit_changes_only_adapters(rng, train_bias):
         "conv1d",
         "conv2d",
         "conv3d",
+        "conv2d_transpose",
         "embedding",
         "reversible_embedding",
     ],
@@ -758,29 +766,39 @@ def test_forward_never_forms_a_times_b(rng, name, monkeypatch):
 @pytest.mark.skipif(BACKEND != "jax", reason="jaxpr inspection is JAX-only")
 @pytest.mark.parametrize("name", NAMES)
 def test_jaxpr_has_no_full_size_intermediate(rng, name):
-    """The traced forward pass (jax.make_jaxpr) has no equation whose output
-    has the base weight's size: only rank-r intermediates."""
+    """The traced forward pass (jax.make_jaxpr) has no more equations whose
+    output has the base weight's size than the plain layer's own forward
+    pass (none, except the flipped kernel JAX's transposed convolution
+    makes of W): only rank-r intermediates."""
     import jax
 
     layer, x = make(name, rng, rank=2)
-    trainable = [v.value for v in layer.trainable_variables]
-    non_trainable = [v.value for v in layer.non_trainable_variables]
-
-    def forward(t, nt, x):
-        return layer.stateless_call(t, nt, x)[0]
-
-    jaxpr = jax.make_jaxpr(forward)(trainable, non_trainable, x)
     full = _adapted_sizes(layer)
-    # A reshape only relabels a tensor (here the (2, 3, 8) input viewed as
-    # (6, 8), which happens to have the kernel's 48 elements); any A @ B
-    # would show up as the dot_general that formed it.
-    sizes = [
-        math.prod(v.aval.shape)
-        for eqn in jaxpr.jaxpr.eqns
-        if eqn.primitive.name != "reshape"
-        for v in eqn.outvars
-    ]
-    assert sizes and not [s for s in sizes if s in full]
+
+    def full_size_outputs(lay):
+        trainable = [v.value for v in lay.trainable_variables]
+        non_trainable = [v.value for v in lay.non_trainable_variables]
+
+        def forward(t, nt, x):
+            return lay.stateless_call(t, nt, x)[0]
+
+        jaxpr = jax.make_jaxpr(forward)(trainable, non_trainable, x)
+        # A reshape only relabels a tensor (here the (2, 3, 8) input viewed
+        # as (6, 8), which happens to have the kernel's 48 elements); any
+        # A @ B would show up as the dot_general that formed it.
+        sizes = [
+            math.prod(v.aval.shape)
+            for eqn in jaxpr.jaxpr.eqns
+            if eqn.primitive.name != "reshape"
+            for v in eqn.outvars
+        ]
+        assert sizes
+        return [s for s in sizes if s in full]
+
+    plain = full_size_outputs(layer.unload())
+    assert len(full_size_outputs(layer)) == len(plain)
+    if name != "conv2d_transpose":
+        assert plain == []
 
 
 # -- Cross-backend -------------------------------------------------------------

@@ -162,12 +162,12 @@ def test_causal_conv1d_output_ignores_the_future(rng):
 
 def test_apply_lora_adapts_conv1d_and_conv3d_and_names_what_it_cannot(rng):
     """With no attention layers the default targets every Conv1D, Conv2D,
-    Conv3D and Dense; a transposed convolution named in `targets` is a
+    Conv3D and Dense; a separable convolution named in `targets` is a
     TypeError listing the supported kinds, with the model unchanged."""
     seq = keras.Input((8, 3))
     vol = keras.Input((4, 4, 4, 2))
     h = keras.layers.Conv1D(4, 3, padding="causal", name="c1")(seq)
-    h = keras.layers.Conv1DTranspose(4, 3, name="t1")(h)
+    h = keras.layers.SeparableConv1D(4, 3, name="t1")(h)
     v = keras.layers.Conv3D(4, 2, name="c3")(vol)
     out = keras.layers.Dense(2, name="head")(keras.layers.Flatten()(v))
     model = keras.Model([seq, vol], [h, out])
@@ -183,6 +183,146 @@ def test_apply_lora_adapts_conv1d_and_conv3d_and_names_what_it_cannot(rng):
     assert sorted(kinds.values()) == ["LoRAConv1D", "LoRAConv3D", "LoRADense"]
     for got, want in zip(lora(x), expected, strict=True):
         assert_exact(np_(got), want)
-    with pytest.raises(TypeError, match="Conv1DTranspose") as info:
+    with pytest.raises(TypeError, match="SeparableConv1D") as info:
         kl.apply_lora(model, rank=2, targets=["t1"])
     assert "Conv1D, Conv2D, Conv3D" in str(info.value)
+
+
+TRANSPOSED = {
+    1: kl.LoRAConv1DTranspose,
+    2: kl.LoRAConv2DTranspose,
+    3: kl.LoRAConv3DTranspose,
+}
+
+
+def _transpose_combos():
+    combos = []
+    for (
+        k,
+        strides,
+        dilation,
+        padding,
+        output_padding,
+        data_format,
+    ) in itertools.product(
+        [1, 2, 3],
+        [1, 2],
+        [1, 2],
+        ["valid", "same"],
+        [None, 1],
+        ["channels_last", "channels_first"],
+    ):
+        # Keras: no strides > 1 with dilation > 1; output_padding < strides.
+        if strides != 1 and dilation != 1:
+            continue
+        if output_padding is not None and output_padding >= strides:
+            continue
+        combos.append(
+            (k, strides, dilation, padding, output_padding, data_format)
+        )
+    return combos
+
+
+@pytest.mark.parametrize(
+    "k,strides,dilation,padding,output_padding,data_format",
+    _transpose_combos(),
+)
+def test_conv_transpose_combination_matches_oracle(
+    rng,
+    backend_quirk,
+    k,
+    strides,
+    dilation,
+    padding,
+    output_padding,
+    data_format,
+):
+    """Transposed convolutions: init output == the plain layer; with
+    non-zero adapters the output equals the NumPy LoRA oracle (the adjoint
+    of the loop convolution, never forming the merged kernel), which equals
+    the oracle on the merged kernel; A is `kernel_size + (in_channels, r)`
+    and the update has the kernel's `kernel_size + (filters, in_channels)`
+    shape; merge gives the plain class with the same output."""
+    cls = TRANSPOSED[k]
+    layer = cls(
+        5,
+        3,
+        strides=strides,
+        dilation_rate=dilation,
+        padding=padding,
+        output_padding=output_padding,
+        data_format=data_format,
+        bias_initializer="random_normal",
+        rank=2,
+        alpha=3,
+    )
+    spatial = (4,) * k
+    shape = (
+        (2, *spatial, 3) if data_format == "channels_last" else (2, 3, *spatial)
+    )
+    x = rng.normal(size=shape).astype("float32")
+    layer.build(x.shape)
+    assert tuple(layer.kernel.shape) == (3,) * k + (5, 3)
+    assert tuple(layer.lora_a.shape) == (3,) * k + (3, 2)
+    assert tuple(layer.lora_b.shape) == (2, 5)
+    plain = cls.base_class.from_config(layer.base_config())
+    plain.build(x.shape)
+    plain.set_weights([np_(layer.kernel), np_(layer.bias)])
+    try:
+        plain_out = np_(plain(x))
+    except Exception as error:
+        backend_quirk(
+            f"plain {cls.base_class.__name__} raises",
+            layer.get_config(),
+            f"{type(error).__name__}: {str(error).splitlines()[0][:160]}",
+        )
+        with pytest.raises(type(error)):
+            layer(x)
+        plain_out = None
+    if plain_out is not None:
+        assert_exact(np_(layer(x)), plain_out)  # B = 0: the base output
+    for w in layer.adapter_weights().values():
+        w.assign(rng.normal(size=w.shape).astype("float32") * 0.5)
+    a, b = np_(layer.lora_a), np_(layer.lora_b)
+    kernel, bias = np_(layer.kernel), np_(layer.bias)
+    delta = np.swapaxes(ref.conv_delta(a, b, 1.5), -1, -2)
+    assert tuple(layer.weight_deltas()["kernel"].shape) == kernel.shape
+    assert_close(np_(layer.weight_deltas()["kernel"]), delta)
+    merged = layer.merge()
+    assert type(merged) is cls.base_class
+    assert_close(np_(merged.kernel), kernel + delta)
+    if plain_out is None:
+        return
+    channels_last = data_format == "channels_last"
+    out_spatial = (
+        plain_out.shape[1:-1] if channels_last else plain_out.shape[2:]
+    )
+    kwargs = dict(
+        strides=strides,
+        padding=padding,
+        dilation_rate=dilation,
+        data_format=data_format,
+    )
+    base_ref = ref.conv_transpose_nd(x, kernel, bias, out_spatial, **kwargs)
+    unmerged = ref.lora_conv_transpose_nd(
+        x, kernel, bias, a, b, 1.5, out_spatial, **kwargs
+    )
+    assert_close(
+        unmerged,
+        ref.conv_transpose_nd(x, kernel + delta, bias, out_spatial, **kwargs),
+        dtype="float64",
+    )
+    out = np_(layer(x))
+    if close(plain_out, base_ref):
+        assert_close(out, unmerged)
+    else:
+        backend_quirk(
+            f"plain {cls.base_class.__name__} differs from the NumPy oracle",
+            layer.get_config(),
+            f"max abs diff {np.abs(plain_out - base_ref).max():.3g}",
+        )
+    assert_close(np_(merged(x)), out)
+    layer.merge_adapter()
+    assert_close(np_(layer(x)), out)
+    layer.unmerge_adapter()
+    assert_exact(np_(layer(x)), out)

@@ -358,33 +358,31 @@ def test_named_adapters_belong_to_the_layers_not_a_model_object(lm):
     dense.adapter_bank = bank
 
 
-@pytest.mark.parametrize("groups", [1, 2])
+_CONV_CASES = [
+    (keras_lora.LoRAConv1D, (6,), {"padding": "causal"}),
+    (keras_lora.LoRAConv2D, (6, 6), {}),
+    (keras_lora.LoRAConv3D, (4, 4, 4), {"strides": 2}),
+]
+
+
 @pytest.mark.parametrize(
     "cls, spatial, kwargs",
-    [
-        (keras_lora.LoRAConv1D, (6,), {"padding": "causal"}),
-        (keras_lora.LoRAConv2D, (6, 6), {}),
-        (keras_lora.LoRAConv3D, (4, 4, 4), {"strides": 2}),
-    ],
-    ids=["conv1d", "conv2d", "conv3d"],
+    [(c, s, dict(kw, groups=g)) for c, s, kw in _CONV_CASES for g in (1, 2)]
+    # Keras's transposed convolutions have no groups.
+    + [(keras_lora.LoRAConv2DTranspose, (4, 4), {"strides": 2})],
+    ids=[f"{c.__name__}-groups{g}" for c, _, _ in _CONV_CASES for g in (1, 2)]
+    + ["LoRAConv2DTranspose"],
 )
 def test_c22_conv_mixed_batch_gives_each_example_its_adapter(
-    groups, cls, spatial, kwargs
+    cls, spatial, kwargs
 ):
     """C22: Conv2D(4, 3), rank 2, "default" and "b" with different B, a
     mixed batch of 2 images assigned "default" and "b": each image gets
     its own adapter's output (the same as running it alone with that
-    adapter active), and the two differ. The same for Conv1D (causal) and
-    Conv3D."""
+    adapter active), and the two differ. The same for Conv1D (causal),
+    Conv3D and Conv2DTranspose."""
     inputs = keras.Input(spatial + (2,))
-    layer = cls(
-        4,
-        3 if len(spatial) < 3 else 2,
-        groups=groups,
-        rank=2,
-        name="conv",
-        **kwargs,
-    )
+    layer = cls(4, 3 if len(spatial) < 3 else 2, rank=2, name="conv", **kwargs)
     model = keras.Model(inputs, layer(inputs))
     assign(model, random_adapter(model, 0))
     multi.add_adapter(model, "b", random_adapter(model, 1))

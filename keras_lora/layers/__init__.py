@@ -2,8 +2,11 @@
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.conv import LoRAConv1D
+from keras_lora.layers.conv import LoRAConv1DTranspose
 from keras_lora.layers.conv import LoRAConv2D
+from keras_lora.layers.conv import LoRAConv2DTranspose
 from keras_lora.layers.conv import LoRAConv3D
+from keras_lora.layers.conv import LoRAConv3DTranspose
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
@@ -11,6 +14,9 @@ from keras_lora.layers.embedding import LoRAReversibleEmbedding
 
 __all__ = [
     "LoRAConv1D",
+    "LoRAConv1DTranspose",
+    "LoRAConv2DTranspose",
+    "LoRAConv3DTranspose",
     "LoRAConv2D",
     "LoRAConv3D",
     "LoRADense",

@@ -1,8 +1,10 @@
-"""LoRA for Keras's convolutions: `LoRAConv1D`, `LoRAConv2D`, `LoRAConv3D`.
+"""LoRA for Keras's convolutions: `LoRAConv1D`, `LoRAConv2D`, `LoRAConv3D`
+and the transposed `LoRAConv1DTranspose`, `LoRAConv2DTranspose`,
+`LoRAConv3DTranspose`.
 
-One body (`LoRAConvMixin`) serves the three, written for any number of
-spatial axes (Keras's `self.rank`: 1, 2 or 3; the adapter's rank is
-`adapter_rank`).
+One body (`LoRAConvMixin`, and `LoRAConvTransposeMixin` over it) serves
+them all, written for any number of spatial axes (Keras's `self.rank`: 1, 2
+or 3; the adapter's rank is `adapter_rank`).
 """
 
 import keras
@@ -50,6 +52,11 @@ class LoRAConvMixin(LoRALayer):
             data_format=self.data_format,
         )
 
+    def _adapter_conv(self, inputs, a):
+        """The branch's first product: the base convolution with `a`
+        (A's layout: `kernel_size + (in_channels // groups, channels)`)."""
+        return self._conv(inputs, a)
+
     def call(self, inputs, training=None):
         inputs = self._causal_padded(inputs)
         outputs = self._conv(inputs, self.kernel)
@@ -80,7 +87,7 @@ class LoRAConvMixin(LoRALayer):
             if g > 1:
                 # One copy of A per group: a grouped conv into groups * rank.
                 a = ops.tile(a, (1,) * (k + 1) + (g,))
-            h = self._conv(x, a)
+            h = self._adapter_conv(x, a)
             if g == 1 and self.data_format == "channels_last":
                 return ops.matmul(h, b)
             # B as a (grouped) 1x1 convolution.
@@ -95,7 +102,7 @@ class LoRAConvMixin(LoRALayer):
         a = ops.tile(
             ops.reshape(a, spatial + (cin, n * r)), (1,) * (k + 1) + (g,)
         )
-        h = self._conv(x, a)
+        h = self._adapter_conv(x, a)
         if self.data_format == "channels_first":
             h = ops.moveaxis(h, 1, -1)
         lead = tuple(ops.shape(h)[:-1])
@@ -113,6 +120,55 @@ class LoRAConvMixin(LoRALayer):
     def weight_deltas(self):
         delta = ops.tensordot(self.lora_a, self.lora_b, axes=1)
         return {"kernel": ops.multiply(delta, self.scaling)}
+
+
+class LoRAConvTransposeMixin(LoRAConvMixin):
+    """The LoRA body of the transposed convolutions: Keras's kernel is
+    `kernel_size + (filters, in_channels)`; A is stored as
+    `kernel_size + (in_channels, rank)` and B as `(rank, filters)`, so the
+    update `swapaxes(tensordot(A, B), -1, -2)` has the kernel's shape."""
+
+    #: Keras's transposed convolutions have no groups.
+    groups = 1
+
+    def lora_shapes(self):
+        kernel_shape = tuple(self.base_weights()["kernel"].shape)
+        r = self.adapter_rank
+        a_shape = kernel_shape[:-2] + (kernel_shape[-1], r)
+        return [("lora_a", "lora_b", a_shape, (r, self.filters))]
+
+    def adapter_axis_groups(self, base_shape, a_ndim):
+        """A covers the kernel's spatial and input-channel axes, B its
+        filters axis; see `LoRALayer.adapter_axis_groups`."""
+        k = self.rank
+        return [[i] for i in range(k)] + [[k + 1]], [[k]]
+
+    def _causal_padded(self, inputs):
+        return inputs
+
+    def _conv(self, inputs, kernel):
+        """The base layer's transposed convolution (strides, padding,
+        output padding, dilation) with `kernel` in Keras's layout."""
+        return ops.conv_transpose(
+            inputs,
+            kernel,
+            strides=list(self.strides),
+            padding=self.padding,
+            output_padding=self.output_padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+
+    def _adapter_conv(self, inputs, a):
+        # A's (..., in_channels, channels) as a (..., channels, in_channels)
+        # transposed-convolution kernel.
+        return self._conv(inputs, ops.swapaxes(a, -1, -2))
+
+    def weight_deltas(self):
+        delta = ops.tensordot(self.lora_a, self.lora_b, axes=1)
+        return {
+            "kernel": ops.multiply(ops.swapaxes(delta, -1, -2), self.scaling)
+        }
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -401,6 +457,310 @@ class LoRAConv3D(LoRAConvMixin, keras.layers.Conv3D):
             data_format=data_format,
             dilation_rate=dilation_rate,
             groups=groups,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            **kwargs,
+        )
+        self.init_lora(lora)
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAConv1DTranspose(LoRAConvTransposeMixin, keras.layers.Conv1DTranspose):
+    """A `Conv1DTranspose` layer whose frozen kernel is adapted by LoRA.
+
+    A transposed convolution is linear in its kernel, which Keras stores as
+    `kernel_size + (filters, in_channels)`; read as a
+    `(prod(kernel_size) * in_channels) x filters` matrix it is adapted as
+    `W + s * A @ B` (Hu et al. 2021, arXiv:2106.09685, eq. 3). A is stored
+    as `kernel_size + (in_channels, rank)` and runs as a transposed
+    convolution with the base layer's strides, padding, output padding and
+    dilation into `rank` channels; B, `(rank, filters)`, is a 1x1
+    convolution from `rank` to `filters`. The layer computes
+    `conv_transpose(x, W) + s * conv1x1(conv_transpose(dropout(x), A), B)`,
+    then bias and activation as the base layer does; the merged kernel
+    `W + s * swapaxes(tensordot(A, B), -1, -2)` has exactly the base
+    kernel's shape for both data formats. PEFT has no transposed
+    convolution LoRA; this is the same construction as its `Conv2d` one.
+
+    `filters`, `kernel_size`, `strides`, `padding`, `output_padding`,
+    `data_format`, `dilation_rate`, `activation`, `use_bias`,
+    `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
+    `bias_regularizer`, `activity_regularizer`, `kernel_constraint` and
+    `bias_constraint` are as in `keras.layers.Conv1DTranspose`; the LoRA
+    arguments (`rank`, `alpha`, `dropout`, `use_rslora`,
+    `lora_a_initializer`, `lora_b_initializer`, `train_bias`) are as in
+    `keras_lora.LoRADense`.
+
+    Args:
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        3D tensor `(batch, steps, channels)` (channels_last) or
+        `(batch, channels, steps)` (channels_first).
+
+    Output shape:
+        As `keras.layers.Conv1DTranspose`, in the compute dtype.
+
+    Raises:
+        ValueError: a LoRA argument is invalid (see `LoRADense`).
+
+    Examples:
+        >>> import numpy as np
+        >>> import keras_lora
+        >>> layer = keras_lora.LoRAConv1DTranspose(5, 3, rank=2)
+        >>> tuple(layer(np.ones((1, 7, 4), "float32")).shape)
+        (1, 9, 5)
+    """
+
+    base_class = keras.layers.Conv1DTranspose
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        padding="valid",
+        output_padding=None,
+        data_format=None,
+        dilation_rate=1,
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        *,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        lora_a_initializer=None,
+        lora_b_initializer="zeros",
+        train_bias=False,
+        **kwargs,
+    ):
+        lora = layer_config(locals())
+        super().__init__(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            output_padding=output_padding,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            **kwargs,
+        )
+        self.init_lora(lora)
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAConv2DTranspose(LoRAConvTransposeMixin, keras.layers.Conv2DTranspose):
+    """A `Conv2DTranspose` layer whose frozen kernel is adapted by LoRA.
+
+    A transposed convolution is linear in its kernel, which Keras stores as
+    `kernel_size + (filters, in_channels)`; read as a
+    `(prod(kernel_size) * in_channels) x filters` matrix it is adapted as
+    `W + s * A @ B` (Hu et al. 2021, arXiv:2106.09685, eq. 3). A is stored
+    as `kernel_size + (in_channels, rank)` and runs as a transposed
+    convolution with the base layer's strides, padding, output padding and
+    dilation into `rank` channels; B, `(rank, filters)`, is a 1x1
+    convolution from `rank` to `filters`. The layer computes
+    `conv_transpose(x, W) + s * conv1x1(conv_transpose(dropout(x), A), B)`,
+    then bias and activation as the base layer does; the merged kernel
+    `W + s * swapaxes(tensordot(A, B), -1, -2)` has exactly the base
+    kernel's shape for both data formats. PEFT has no transposed
+    convolution LoRA; this is the same construction as its `Conv2d` one.
+
+    `filters`, `kernel_size`, `strides`, `padding`, `output_padding`,
+    `data_format`, `dilation_rate`, `activation`, `use_bias`,
+    `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
+    `bias_regularizer`, `activity_regularizer`, `kernel_constraint` and
+    `bias_constraint` are as in `keras.layers.Conv2DTranspose`; the LoRA
+    arguments (`rank`, `alpha`, `dropout`, `use_rslora`,
+    `lora_a_initializer`, `lora_b_initializer`, `train_bias`) are as in
+    `keras_lora.LoRADense`.
+
+    Args:
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        4D tensor `(batch, rows, cols, channels)` (channels_last) or
+        `(batch, channels, rows, cols)` (channels_first).
+
+    Output shape:
+        As `keras.layers.Conv2DTranspose`, in the compute dtype.
+
+    Raises:
+        ValueError: a LoRA argument is invalid (see `LoRADense`).
+
+    Examples:
+        >>> import numpy as np
+        >>> import keras_lora
+        >>> layer = keras_lora.LoRAConv2DTranspose(5, 3, rank=2)
+        >>> tuple(layer(np.ones((1, 7, 7, 4), "float32")).shape)
+        (1, 9, 9, 5)
+    """
+
+    base_class = keras.layers.Conv2DTranspose
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=(1, 1),
+        padding="valid",
+        output_padding=None,
+        data_format=None,
+        dilation_rate=(1, 1),
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        *,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        lora_a_initializer=None,
+        lora_b_initializer="zeros",
+        train_bias=False,
+        **kwargs,
+    ):
+        lora = layer_config(locals())
+        super().__init__(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            output_padding=output_padding,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            **kwargs,
+        )
+        self.init_lora(lora)
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAConv3DTranspose(LoRAConvTransposeMixin, keras.layers.Conv3DTranspose):
+    """A `Conv3DTranspose` layer whose frozen kernel is adapted by LoRA.
+
+    A transposed convolution is linear in its kernel, which Keras stores as
+    `kernel_size + (filters, in_channels)`; read as a
+    `(prod(kernel_size) * in_channels) x filters` matrix it is adapted as
+    `W + s * A @ B` (Hu et al. 2021, arXiv:2106.09685, eq. 3). A is stored
+    as `kernel_size + (in_channels, rank)` and runs as a transposed
+    convolution with the base layer's strides, padding, output padding and
+    dilation into `rank` channels; B, `(rank, filters)`, is a 1x1
+    convolution from `rank` to `filters`. The layer computes
+    `conv_transpose(x, W) + s * conv1x1(conv_transpose(dropout(x), A), B)`,
+    then bias and activation as the base layer does; the merged kernel
+    `W + s * swapaxes(tensordot(A, B), -1, -2)` has exactly the base
+    kernel's shape for both data formats. PEFT has no transposed
+    convolution LoRA; this is the same construction as its `Conv2d` one.
+
+    `filters`, `kernel_size`, `strides`, `padding`, `output_padding`,
+    `data_format`, `dilation_rate`, `activation`, `use_bias`,
+    `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
+    `bias_regularizer`, `activity_regularizer`, `kernel_constraint` and
+    `bias_constraint` are as in `keras.layers.Conv3DTranspose`; the LoRA
+    arguments (`rank`, `alpha`, `dropout`, `use_rslora`,
+    `lora_a_initializer`, `lora_b_initializer`, `train_bias`) are as in
+    `keras_lora.LoRADense`.
+
+    Args:
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        5D tensor `(batch, dim1, dim2, dim3, channels)`
+        (channels_last) or `(batch, channels, dim1, dim2, dim3)`
+        (channels_first).
+
+    Output shape:
+        As `keras.layers.Conv3DTranspose`, in the compute dtype.
+
+    Raises:
+        ValueError: a LoRA argument is invalid (see `LoRADense`).
+
+    Examples:
+        >>> import numpy as np
+        >>> import keras_lora
+        >>> layer = keras_lora.LoRAConv3DTranspose(5, 3, rank=2)
+        >>> tuple(layer(np.ones((1, 5, 5, 5, 4), "float32")).shape)
+        (1, 7, 7, 7, 5)
+    """
+
+    base_class = keras.layers.Conv3DTranspose
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=(1, 1, 1),
+        padding="valid",
+        output_padding=None,
+        data_format=None,
+        dilation_rate=(1, 1, 1),
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        *,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        lora_a_initializer=None,
+        lora_b_initializer="zeros",
+        train_bias=False,
+        **kwargs,
+    ):
+        lora = layer_config(locals())
+        super().__init__(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            output_padding=output_padding,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
             activation=activation,
             use_bias=use_bias,
             kernel_initializer=kernel_initializer,
