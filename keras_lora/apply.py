@@ -10,6 +10,7 @@ import collections.abc
 import fnmatch
 import functools
 import re
+import warnings
 
 import keras
 
@@ -351,13 +352,29 @@ def _select(model, layers, stable, targets, exclude):
             (p, lay)
             for p, lay in adaptable
             if _is_default_attention(lay, stable.get(id(lay), ""))
-        ] or [
-            (p, lay)
-            for p, lay in adaptable
-            if issubclass(
-                lora_class_for(lay), (LoRADense, LoRAEinsumDense, LoRAConvMixin)
-            )
         ]
+        if not selected:
+            selected = [
+                (p, lay)
+                for p, lay in adaptable
+                if issubclass(
+                    lora_class_for(lay),
+                    (LoRADense, LoRAEinsumDense, LoRAConvMixin),
+                )
+            ]
+            left_out = [
+                f"{p} ({type(lay).__name__})"
+                for p, lay in layers
+                if isinstance(lay, CONV_TYPES) and lora_class_for(lay) is None
+            ]
+            if left_out:
+                warnings.warn(
+                    "The default targets (every Dense, EinsumDense and "
+                    "convolution, the model having no attention projections) "
+                    "leave out the convolutions keras_lora cannot adapt yet: "
+                    f"{left_out}. They stay frozen.",
+                    stacklevel=3,
+                )
     else:
         _unmatched(targets, layers, "`targets`", adaptable)
         selected = [

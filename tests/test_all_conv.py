@@ -87,3 +87,13 @@ def test_all_conv_selecting_nothing_is_an_error():
     with pytest.raises(ValueError, match="no convolution layer") as info:
         kl.apply_lora(model, rank=2, targets="all-conv")
     assert "targets='all-conv'" in str(info.value)
+
+
+def test_default_targets_warn_about_convolutions_left_out():
+    """With no attention, the default targets every Dense and convolution
+    keras_lora adapts and names, in a warning, the depthwise convolution
+    it leaves frozen."""
+    model = _conv_model()
+    with pytest.warns(UserWarning, match=r"dw \(DepthwiseConv2D\)"):
+        lora = kl.apply_lora(model, rank=2)
+    assert sorted(kl.lora_layers(lora)) == ["c1", "c2", "c3", "head", "up"]

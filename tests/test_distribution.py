@@ -149,6 +149,18 @@ def test_einsum_conv_embedding_layouts_follow_their_base_axes():
         None,
     )
     assert adapter_layout(conv, "lora_b", layout).axes == (None, "model")
+    # Conv2DTranspose kernel (3, 3, filters 8, in 4): A (3, 3, 4, r) takes
+    # the input-channel axis's layout, B (r, 8) the filters axis's.
+    up = keras_lora.LoRAConv2DTranspose(8, 3, rank=2)
+    up.build((1, 6, 6, 4))
+    layout = _layout((None, None, "model", "batch"), mesh)
+    assert adapter_layout(up, "lora_a", layout).axes == (
+        None,
+        None,
+        "batch",
+        None,
+    )
+    assert adapter_layout(up, "lora_b", layout).axes == (None, "model")
     # Untied ReversibleEmbedding: the reverse pair follows (d, vocab).
     emb = keras_lora.LoRAReversibleEmbedding(64, 16, tie_weights=False, rank=3)
     emb.build()

@@ -176,7 +176,8 @@ def test_apply_lora_adapts_conv1d_and_conv3d_and_names_what_it_cannot(rng):
         rng.normal(size=(2, 4, 4, 4, 2)).astype("float32"),
     ]
     expected = [np_(o) for o in model(x)]
-    lora = kl.apply_lora(model, rank=2)
+    with pytest.warns(UserWarning, match=r"t1 \(SeparableConv1D\)"):
+        lora = kl.apply_lora(model, rank=2)
     kinds = {
         p: type(layer).__name__ for p, layer in kl.lora_layers(lora).items()
     }
