@@ -21,6 +21,53 @@ def np_(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
+def _plain_output(layer, x, backend_quirk):
+    """The plain Keras layer's output with `layer`'s base weights, which the
+    LoRA layer at init (B = 0) must equal exactly; or None where the plain
+    layer raises on this backend (TensorFlow's CPU kernels lack some
+    channels_first / grouped convolutions): then the LoRA layer must raise
+    the same."""
+    cls = type(layer)
+    plain = cls.base_class.from_config(layer.base_config())
+    plain.build(x.shape)
+    plain.set_weights([np_(layer.kernel), np_(layer.bias)])
+    try:
+        plain_out = np_(plain(x))
+    except Exception as error:
+        backend_quirk(
+            f"plain {cls.base_class.__name__} raises",
+            layer.get_config(),
+            f"{type(error).__name__}: {str(error).splitlines()[0][:160]}",
+        )
+        with pytest.raises(type(error)):
+            layer(x)
+        return None
+    assert_exact(np_(layer(x)), plain_out)  # B = 0: the base output
+    return plain_out
+
+
+def _check_outputs(layer, merged, x, plain_out, base_ref, unmerged, quirk):
+    """The adapted output equals the unmerged NumPy oracle (unless the plain
+    layer itself disagrees with the base oracle, a backend bug, recorded);
+    the merged layer and an in-place merge give it too, and unmerging gives
+    it back bit for bit."""
+    out = np_(layer(x))
+    if close(plain_out, base_ref):
+        assert_close(out, unmerged)
+    else:
+        quirk(
+            f"plain {type(layer).base_class.__name__} differs from the NumPy "
+            "oracle",
+            layer.get_config(),
+            f"max abs diff {np.abs(plain_out - base_ref).max():.3g}",
+        )
+    assert_close(np_(merged(x)), out)
+    layer.merge_adapter()
+    assert_close(np_(layer(x)), out)
+    layer.unmerge_adapter()
+    assert_exact(np_(layer(x)), out)
+
+
 def _combos():
     combos = []
     for k, strides, dilation, padding, groups, data_format in itertools.product(
@@ -73,22 +120,7 @@ def test_conv_nd_combination_matches_oracle(
     layer.build(x.shape)
     assert tuple(layer.lora_a.shape) == (3,) * k + (4 // groups, 2)
     assert tuple(layer.lora_b.shape) == (2, 6)
-    plain = cls.base_class.from_config(layer.base_config())
-    plain.build(x.shape)
-    plain.set_weights([np_(layer.kernel), np_(layer.bias)])
-    try:
-        plain_out = np_(plain(x))
-    except Exception as error:
-        backend_quirk(
-            f"plain {cls.base_class.__name__} raises",
-            layer.get_config(),
-            f"{type(error).__name__}: {str(error).splitlines()[0][:160]}",
-        )
-        with pytest.raises(type(error)):
-            layer(x)
-        plain_out = None
-    if plain_out is not None:
-        assert_exact(np_(layer(x)), plain_out)  # B = 0: the base output
+    plain_out = _plain_output(layer, x, backend_quirk)
     for w in layer.adapter_weights().values():
         w.assign(rng.normal(size=w.shape).astype("float32") * 0.5)
     a, b = np_(layer.lora_a), np_(layer.lora_b)
@@ -117,20 +149,9 @@ def test_conv_nd_combination_matches_oracle(
         ref.conv_nd(x, kernel + delta, bias, **kwargs),
         dtype="float64",
     )
-    out = np_(layer(x))
-    if close(plain_out, base_ref):
-        assert_close(out, unmerged)
-    else:
-        backend_quirk(
-            f"plain {cls.base_class.__name__} differs from the NumPy oracle",
-            layer.get_config(),
-            f"max abs diff {np.abs(plain_out - base_ref).max():.3g}",
-        )
-    assert_close(np_(merged(x)), out)
-    layer.merge_adapter()
-    assert_close(np_(layer(x)), out)
-    layer.unmerge_adapter()
-    assert_exact(np_(layer(x)), out)
+    _check_outputs(
+        layer, merged, x, plain_out, base_ref, unmerged, backend_quirk
+    )
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -266,22 +287,7 @@ def test_conv_transpose_combination_matches_oracle(
     assert tuple(layer.kernel.shape) == (3,) * k + (5, 3)
     assert tuple(layer.lora_a.shape) == (3,) * k + (3, 2)
     assert tuple(layer.lora_b.shape) == (2, 5)
-    plain = cls.base_class.from_config(layer.base_config())
-    plain.build(x.shape)
-    plain.set_weights([np_(layer.kernel), np_(layer.bias)])
-    try:
-        plain_out = np_(plain(x))
-    except Exception as error:
-        backend_quirk(
-            f"plain {cls.base_class.__name__} raises",
-            layer.get_config(),
-            f"{type(error).__name__}: {str(error).splitlines()[0][:160]}",
-        )
-        with pytest.raises(type(error)):
-            layer(x)
-        plain_out = None
-    if plain_out is not None:
-        assert_exact(np_(layer(x)), plain_out)  # B = 0: the base output
+    plain_out = _plain_output(layer, x, backend_quirk)
     for w in layer.adapter_weights().values():
         w.assign(rng.normal(size=w.shape).astype("float32") * 0.5)
     a, b = np_(layer.lora_a), np_(layer.lora_b)
@@ -313,17 +319,6 @@ def test_conv_transpose_combination_matches_oracle(
         ref.conv_transpose_nd(x, kernel + delta, bias, out_spatial, **kwargs),
         dtype="float64",
     )
-    out = np_(layer(x))
-    if close(plain_out, base_ref):
-        assert_close(out, unmerged)
-    else:
-        backend_quirk(
-            f"plain {cls.base_class.__name__} differs from the NumPy oracle",
-            layer.get_config(),
-            f"max abs diff {np.abs(plain_out - base_ref).max():.3g}",
-        )
-    assert_close(np_(merged(x)), out)
-    layer.merge_adapter()
-    assert_close(np_(layer(x)), out)
-    layer.unmerge_adapter()
-    assert_exact(np_(layer(x)), out)
+    _check_outputs(
+        layer, merged, x, plain_out, base_ref, unmerged, backend_quirk
+    )

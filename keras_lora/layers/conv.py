@@ -143,9 +143,6 @@ class LoRAConvTransposeMixin(LoRAConvMixin):
         k = self.rank
         return [[i] for i in range(k)] + [[k + 1]], [[k]]
 
-    def _causal_padded(self, inputs):
-        return inputs
-
     def _conv(self, inputs, kernel):
         """The base layer's transposed convolution (strides, padding,
         output padding, dilation) with `kernel` in Keras's layout."""
