@@ -1,7 +1,7 @@
 """Every LoRA layer against its plain Keras layer: one training step each.
 
 For each layer kind (Dense, EinsumDense, Conv1D, Conv2D, Conv3D,
-Conv2DTranspose, Embedding)
+Conv2DTranspose, DepthwiseConv2D, SeparableConv2D, Embedding)
 a one-layer model is trained with `train_on_batch` (SGD, MSE), compiled as
 Keras compiles it on the backend, in two variants built from the same
 weights: `plain` (the Keras layer, every weight trained: full fine-tuning)
@@ -72,6 +72,18 @@ def layer_cases(scale):
             (8, 8, 8, c),
             False,
         ),
+        "DepthwiseConv2D": (
+            lambda: keras.layers.DepthwiseConv2D(3, padding="same"),
+            kl.LoRADepthwiseConv2D,
+            (8, 16, 16, c),
+            False,
+        ),
+        "SeparableConv2D": (
+            lambda: keras.layers.SeparableConv2D(c, 3, padding="same"),
+            kl.LoRASeparableConv2D,
+            (8, 16, 16, c),
+            False,
+        ),
         "Embedding": (
             lambda: keras.layers.Embedding(256 * scale, 4 * c),
             kl.LoRAEmbedding,
@@ -116,11 +128,13 @@ def run(size="quick", device="cpu"):
             "lora": _train_step(lora, x, y),
         }
         times = common.interleaved_times(steps, spec["warmup"], spec["rounds"])
+        kernels = [list(w.shape) for w in plain.weights if w.name != "bias"]
         rows[kind] = {
             "input_shape": list(shape),
-            "kernel_shape": [
-                list(w.shape) for w in plain.weights if w.name != "bias"
-            ][0],
+            # Every adapted kernel (a separable conv's depthwise, then
+            # pointwise one); `kernel_shape` is the first.
+            "kernel_shape": kernels[0],
+            "kernel_shapes": kernels,
             "trainable_params": {
                 "plain": common.count_params(plain.trainable_weights),
                 "lora": common.count_params(lora.trainable_weights),
@@ -165,7 +179,10 @@ def table(out_dir="benchmarks/results", device="cpu"):
         params = row["trainable_params"]
         cells = [
             kind,
-            " x ".join(str(d) for d in row["kernel_shape"]),
+            " + ".join(
+                " x ".join(str(d) for d in shape)
+                for shape in row.get("kernel_shapes", [row["kernel_shape"]])
+            ),
             " x ".join(str(d) for d in row["input_shape"]),
             f"{params['lora']:,} / {params['plain']:,}",
         ]

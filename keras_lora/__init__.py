@@ -15,10 +15,14 @@ from keras_lora.layers import LoRAConv2DTranspose
 from keras_lora.layers import LoRAConv3D
 from keras_lora.layers import LoRAConv3DTranspose
 from keras_lora.layers import LoRADense
+from keras_lora.layers import LoRADepthwiseConv1D
+from keras_lora.layers import LoRADepthwiseConv2D
 from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRAEmbedding
 from keras_lora.layers import LoRALayer
 from keras_lora.layers import LoRAReversibleEmbedding
+from keras_lora.layers import LoRASeparableConv1D
+from keras_lora.layers import LoRASeparableConv2D
 from keras_lora.merge import merge
 from keras_lora.merge import merge_adapters
 from keras_lora.merge import unload
@@ -39,6 +43,10 @@ __all__ = [
     "LoRAConv2D",
     "LoRAConv3D",
     "LoRADense",
+    "LoRADepthwiseConv1D",
+    "LoRADepthwiseConv2D",
+    "LoRASeparableConv1D",
+    "LoRASeparableConv2D",
     "LoRAEinsumDense",
     "LoRAEmbedding",
     "LoRALayer",

@@ -10,7 +10,6 @@ import collections.abc
 import fnmatch
 import functools
 import re
-import warnings
 
 import keras
 
@@ -25,6 +24,8 @@ from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRALayer
 from keras_lora.layers.config import LoRAConfig
 from keras_lora.layers.conv import LoRAConvMixin
+from keras_lora.layers.depthwise import LoRADepthwiseConvMixin
+from keras_lora.layers.depthwise import LoRASeparableConvMixin
 from keras_lora.layers.einsum_dense import factor_equation
 from keras_lora.saving import attach_plan
 from keras_lora.walk import iter_layers
@@ -81,9 +82,7 @@ LINEAR_TYPES = (keras.layers.Dense, keras.layers.EinsumDense)
 
 
 #: `targets="all-conv"`: every convolution layer (Keras's 1-D, 2-D and 3-D,
-#: transposed, depthwise and separable convolutions); those keras_lora
-#: cannot adapt (depthwise, separable) are a `TypeError`, as when `targets`
-#: names them.
+#: transposed, depthwise and separable convolutions).
 ALL_CONV = "all-conv"
 
 #: Layer types `"all-conv"` selects.
@@ -359,22 +358,15 @@ def _select(model, layers, stable, targets, exclude):
                 for p, lay in adaptable
                 if issubclass(
                     lora_class_for(lay),
-                    (LoRADense, LoRAEinsumDense, LoRAConvMixin),
+                    (
+                        LoRADense,
+                        LoRAEinsumDense,
+                        LoRAConvMixin,
+                        LoRADepthwiseConvMixin,
+                        LoRASeparableConvMixin,
+                    ),
                 )
             ]
-            left_out = [
-                f"{p} ({type(lay).__name__})"
-                for p, lay in layers
-                if isinstance(lay, CONV_TYPES) and lora_class_for(lay) is None
-            ]
-            if left_out:
-                warnings.warn(
-                    "The default targets (every Dense, EinsumDense and "
-                    "convolution, the model having no attention projections) "
-                    "leave out the convolutions keras_lora cannot adapt yet: "
-                    f"{left_out}. They stay frozen.",
-                    stacklevel=3,
-                )
     else:
         _unmatched(targets, layers, "`targets`", adaptable)
         selected = [
@@ -398,7 +390,8 @@ def _select(model, layers, stable, targets, exclude):
         raise TypeError(
             "`targets` selects layers keras_lora cannot adapt (supported: "
             "Dense, EinsumDense, Conv1D, Conv2D, Conv3D, their Transpose "
-            "forms, Embedding, ReversibleEmbedding): "
+            "forms, DepthwiseConv1D, DepthwiseConv2D, SeparableConv1D, "
+            "SeparableConv2D, Embedding, ReversibleEmbedding): "
             f"{wrong}; `exclude` them."
         )
     # Sub-layers the model never builds (never calls) are left alone;
@@ -532,13 +525,13 @@ def apply_lora(
             `value`, `q_proj`, `v_proj`, ... and fused `qkv` layers; see
             `DEFAULT_ATTENTION_NAMES`), the LoRA paper's choice; if the
             model has none, every Dense, EinsumDense and convolution
-            keras_lora adapts (Conv1D/2D/3D and their Transpose forms).
+            (Conv1D/2D/3D, their Transpose forms, depthwise and separable).
             `"all-linear"`: every Dense and EinsumDense except the model's
             output head (see `keras_lora.apply.output_heads`), as PEFT's
             `target_modules="all-linear"`; it can be combined with other
             entries and with `exclude`. `"all-conv"`: every convolution
-            layer (Conv1D/2D/3D and their Transpose forms; a depthwise or
-            separable one is a `TypeError`, as when named: `exclude` it).
+            layer (Conv1D/2D/3D, their Transpose forms, depthwise and
+            separable).
             Otherwise a str, compiled regex, layer class or callable
             `(path, layer) -> bool`, or a list of them. A str matches a
             layer name, a path, a trailing part of a path

@@ -123,8 +123,10 @@ class AdapterBank:
             stacks_b.append(ops.cast(b, dtype))
         return ops.stack(stacks_a), ops.stack(stacks_b)
 
-    def mixed_delta(self, layer, inputs, training, reverse=False):
-        """Per-example update inside `mixed_batch`; `None` outside it."""
+    def mixed_delta(self, layer, inputs, training, pair, branch):
+        """Per-example update of the adapter `pair` (A and B names), from
+        `branch` (the layer's `branch` or the like), inside `mixed_batch`;
+        `None` outside it."""
         state = MIXED.get()
         if state is None or id(layer) not in state[0]:
             return None
@@ -139,11 +141,8 @@ class AdapterBank:
                 "running a mixed batch."
             )
         ids = state[1]
-        if reverse:
-            a, b = self._stacked(*layer.reverse_pair())
-            return layer.reverse_branch(inputs, a, b, training, adapter_ids=ids)
-        a, b = self._stacked("lora_a", "lora_b")
-        return layer.branch(inputs, a, b, training, adapter_ids=ids)
+        a, b = self._stacked(*pair)
+        return branch(inputs, a, b, training, adapter_ids=ids)
 
 
 # -- Disabling ----------------------------------------------------------------

@@ -11,10 +11,14 @@ from keras_lora.layers import LoRAConv2DTranspose
 from keras_lora.layers import LoRAConv3D
 from keras_lora.layers import LoRAConv3DTranspose
 from keras_lora.layers import LoRADense
+from keras_lora.layers import LoRADepthwiseConv1D
+from keras_lora.layers import LoRADepthwiseConv2D
 from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRAEmbedding
 from keras_lora.layers import LoRALayer
 from keras_lora.layers import LoRAReversibleEmbedding
+from keras_lora.layers import LoRASeparableConv1D
+from keras_lora.layers import LoRASeparableConv2D
 from keras_lora.layers.base import is_plain_subclass
 from keras_lora.walk import is_weighted_leaf
 from keras_lora.walk import iter_layers
@@ -30,6 +34,10 @@ LORA_CLASSES = (
     LoRAConv3DTranspose,
     LoRAConv2D,
     LoRAConv3D,
+    LoRADepthwiseConv1D,
+    LoRADepthwiseConv2D,
+    LoRASeparableConv1D,
+    LoRASeparableConv2D,
     LoRADense,
 )
 

@@ -304,6 +304,104 @@ def lora_conv_nd(x, kernel, bias, a, b, s, **conv_kwargs):
     return base + s * up
 
 
+def depthwise_conv_nd(
+    x,
+    kernel,
+    bias=None,
+    strides=1,
+    padding="valid",
+    dilation_rate=1,
+    data_format="channels_last",
+):
+    """Depthwise convolution over 1 or 2 spatial axes, as Keras defines it:
+    output channel `c * m + j` is input channel `c` alone convolved (with
+    `conv_nd`) with `kernel[..., c, j]`.
+
+    Args:
+        x: (n, *spatial, c) channels_last or (n, c, *spatial).
+        kernel: (*kernel_size, c, m), Keras's layout.
+    """
+    x = f64(x)
+    if data_format == "channels_first":
+        x = np.moveaxis(x, 1, -1)
+    w = f64(kernel)
+    conv = dict(strides=strides, padding=padding, dilation_rate=dilation_rate)
+    y = np.concatenate(
+        [
+            conv_nd(x[..., c : c + 1], w[..., c : c + 1, :], **conv)
+            for c in range(w.shape[-2])
+        ],
+        axis=-1,
+    )
+    if bias is not None:
+        y = y + f64(bias)
+    if data_format == "channels_first":
+        y = np.moveaxis(y, -1, 1)
+    return y
+
+
+def lora_depthwise_conv_nd(x, kernel, bias, a, b, s, **conv_kwargs):
+    """Unmerged LoRA of a depthwise convolution: the base, plus for each
+    input channel c its convolution with A's r spatial filters
+    (`kernel_size + (r,)`) mapped by `B[:, c, :]` to its m output channels;
+    never forms W + s * A B."""
+    data_format = conv_kwargs.pop("data_format", "channels_last")
+    base = depthwise_conv_nd(
+        x, kernel, bias, data_format=data_format, **conv_kwargs
+    )
+    x = f64(x)
+    if data_format == "channels_first":
+        x = np.moveaxis(x, 1, -1)
+    a, b = f64(a), f64(b)
+    up = np.concatenate(
+        [
+            conv_nd(x[..., c : c + 1], a[..., None, :], **conv_kwargs)
+            @ b[:, c, :]
+            for c in range(b.shape[1])
+        ],
+        axis=-1,
+    )
+    if data_format == "channels_first":
+        up = np.moveaxis(up, -1, 1)
+    return base + s * up
+
+
+def separable_conv_nd(x, depthwise, pointwise, bias, **conv_kwargs):
+    """Separable convolution: `depthwise_conv_nd`, then the 1x1
+    `pointwise` kernel (strides 1, no padding) and the bias."""
+    data_format = conv_kwargs.get("data_format", "channels_last")
+    h = depthwise_conv_nd(x, depthwise, None, **conv_kwargs)
+    return conv_nd(h, pointwise, bias, data_format=data_format)
+
+
+def lora_separable_conv_nd(
+    x, depthwise, pointwise, bias, adapters, s, **conv_kwargs
+):
+    """Unmerged LoRA of a separable convolution. `adapters` holds the
+    depthwise pair (`depthwise_lora_a`, `depthwise_lora_b`) and the
+    pointwise one (`lora_a`, `lora_b`, A `(1,) * k + (c * m, r)`): the
+    adapted depthwise output `h` (`lora_depthwise_conv_nd`), then
+    `h @ W_p + s * (h @ A_p) @ B_p` over the channel axis."""
+    data_format = conv_kwargs.get("data_format", "channels_last")
+    h = lora_depthwise_conv_nd(
+        x,
+        depthwise,
+        None,
+        adapters["depthwise_lora_a"],
+        adapters["depthwise_lora_b"],
+        s,
+        **conv_kwargs,
+    )
+    base = conv_nd(h, pointwise, bias, data_format=data_format)
+    if data_format == "channels_first":
+        h = np.moveaxis(h, 1, -1)
+    a = f64(adapters["lora_a"])
+    up = (h @ a.reshape(a.shape[-2:])) @ f64(adapters["lora_b"])
+    if data_format == "channels_first":
+        up = np.moveaxis(up, -1, 1)
+    return base + s * up
+
+
 def conv_delta(a, b, s):
     """`s * tensordot(A, B)`: (kh, kw, c/g, r) x (r, filters) -> kernel."""
     return s * np.tensordot(f64(a), f64(b), axes=1)

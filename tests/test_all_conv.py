@@ -2,6 +2,8 @@
 backbones (Whisper's and Moonshine's Conv1D front ends) and a Keras model
 with 1-D, 2-D, 3-D, transposed and depthwise convolutions."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -64,22 +66,30 @@ def _conv_model():
     return keras.Model([seq, img, vol], [s, i, out])
 
 
-def test_all_conv_refuses_a_convolution_it_cannot_adapt_and_exclude():
-    """A depthwise convolution is a convolution too: `all-conv` selects it
-    and is refused (TypeError naming it) rather than silently skipping it;
-    `exclude=` leaves it out; combined with a Dense name; the transposed
-    convolution is adapted."""
+def test_all_conv_adapts_every_convolution_and_exclude():
+    """`all-conv` selects every convolution, the transposed and depthwise
+    ones included; `exclude=` leaves one out; combined with a Dense name;
+    a kind keras_lora cannot adapt named in `targets` is a TypeError naming
+    it and the supported kinds, with the model unchanged."""
     model = _conv_model()
-    with pytest.raises(TypeError, match=r"dw \(DepthwiseConv2D\)"):
-        kl.apply_lora(model, rank=2, targets="all-conv")
-    assert not kl.lora_layers(model)
+    lora = kl.apply_lora(model, rank=2, targets="all-conv")
+    layers = kl.lora_layers(lora)
+    assert sorted(layers) == ["c1", "c2", "c3", "dw", "up"]
+    assert isinstance(layers["up"], kl.LoRAConv2DTranspose)
+    assert isinstance(layers["dw"], kl.LoRADepthwiseConv2D)
     lora = kl.apply_lora(
         model, rank=2, targets=["all-conv", "head"], exclude=["dw"]
     )
     assert sorted(kl.lora_layers(lora)) == ["c1", "c2", "c3", "head", "up"]
-    assert isinstance(kl.lora_layers(lora)["up"], kl.LoRAConv2DTranspose)
     with pytest.raises(ValueError, match="No layer left to adapt"):
         kl.select_targets(model, "all-conv", exclude="all-conv")
+    norm_model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.LayerNormalization(name="norm")]
+    )
+    with pytest.raises(TypeError, match=r"norm \(LayerNormalization\)") as info:
+        kl.apply_lora(norm_model, rank=2, targets=["norm"])
+    assert "DepthwiseConv2D, SeparableConv1D" in str(info.value)
+    assert not kl.lora_layers(norm_model)
 
 
 def test_all_conv_selecting_nothing_is_an_error():
@@ -89,11 +99,18 @@ def test_all_conv_selecting_nothing_is_an_error():
     assert "targets='all-conv'" in str(info.value)
 
 
-def test_default_targets_warn_about_convolutions_left_out():
+def test_default_targets_adapt_every_convolution_without_a_warning():
     """With no attention, the default targets every Dense and convolution
-    keras_lora adapts and names, in a warning, the depthwise convolution
-    it leaves frozen."""
+    (the depthwise one included) and warns about nothing."""
     model = _conv_model()
-    with pytest.warns(UserWarning, match=r"dw \(DepthwiseConv2D\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         lora = kl.apply_lora(model, rank=2)
-    assert sorted(kl.lora_layers(lora)) == ["c1", "c2", "c3", "head", "up"]
+    assert sorted(kl.lora_layers(lora)) == [
+        "c1",
+        "c2",
+        "c3",
+        "dw",
+        "head",
+        "up",
+    ]

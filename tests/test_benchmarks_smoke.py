@@ -310,6 +310,8 @@ def test_layer_table_has_every_lora_layer_kind(tmp_path):
         "Conv2D",
         "Conv3D",
         "Conv2DTranspose",
+        "DepthwiseConv2D",
+        "SeparableConv2D",
         "Embedding",
     ]
     r = result["rank"]
@@ -317,15 +319,25 @@ def test_layer_table_has_every_lora_layer_kind(tmp_path):
         kernel = row["kernel_shape"]
         params = row["trainable_params"]
         if kind == "EinsumDense":
-            d_in, d_out = kernel[0], kernel[1] * kernel[2]
+            dims = [(kernel[0], kernel[1] * kernel[2])]
         elif kind == "Embedding":
-            d_in, d_out = kernel
+            dims = [tuple(kernel)]
         elif kind == "Conv2DTranspose":  # (kh, kw, filters, in_channels)
-            d_in, d_out = math.prod(kernel[:-2]) * kernel[-1], kernel[-2]
+            dims = [(math.prod(kernel[:-2]) * kernel[-1], kernel[-2])]
+        elif kind == "DepthwiseConv2D":  # (kh, kw, c, m): spatial x c * m
+            dims = [(math.prod(kernel[:-2]), math.prod(kernel[-2:]))]
+        elif kind == "SeparableConv2D":  # depthwise, then (1, 1, c * m, f)
+            pointwise = row["kernel_shapes"][1]
+            dims = [
+                (math.prod(kernel[:-2]), math.prod(kernel[-2:])),
+                (math.prod(pointwise[:-1]), pointwise[-1]),
+            ]
         else:
-            d_in, d_out = math.prod(kernel[:-1]), kernel[-1]
-        assert params["lora"] == r * (d_in + d_out), kind
-        assert params["plain"] >= math.prod(kernel), kind
+            dims = [(math.prod(kernel[:-1]), kernel[-1])]
+        assert params["lora"] == sum(r * (i + o) for i, o in dims), kind
+        assert params["plain"] >= sum(
+            math.prod(k) for k in row["kernel_shapes"]
+        ), kind
         assert all(_positive_finite(v) for v in row["ms"].values())
         assert _positive_finite(row["lora/plain"]["median"])
     assert os.path.exists(

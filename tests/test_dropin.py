@@ -55,6 +55,7 @@ class Kind(typing.NamedTuple):
 
 KERNEL_INIT = {"kernel_initializer": "zeros", "bias_initializer": "zeros"}
 TABLE_INIT = {"embeddings_initializer": "zeros"}
+DEPTHWISE_INIT = {"depthwise_initializer": "zeros", "bias_initializer": "zeros"}
 # Layers are made with constant initializers and then given random base
 # weights from NumPy (`pair`): JAX compiles a random initializer anew for
 # each shape, seconds per layer on 2 cores. The default (random) A is used
@@ -107,6 +108,22 @@ KINDS = {
         _floats((2, 4, 4, 3)),
         ("kernel", "bias"),
         KERNEL_INIT,
+    ),
+    "depthwise_conv2d": Kind(
+        lambda **kw: keras.layers.DepthwiseConv2D(3, depth_multiplier=2, **kw),
+        lambda **kw: kl.LoRADepthwiseConv2D(
+            3, depth_multiplier=2, rank=RANK, **kw
+        ),
+        _floats((2, 6, 6, 3)),
+        ("depthwise", "bias"),
+        DEPTHWISE_INIT,
+    ),
+    "separable_conv1d": Kind(
+        lambda **kw: keras.layers.SeparableConv1D(4, 3, **kw),
+        lambda **kw: kl.LoRASeparableConv1D(4, 3, rank=RANK, **kw),
+        _floats((2, 6, 3)),
+        ("depthwise", "pointwise", "bias"),
+        {**DEPTHWISE_INIT, "pointwise_initializer": "zeros"},
     ),
     "embedding": Kind(
         lambda **kw: keras.layers.Embedding(12, 5, **kw),
@@ -735,8 +752,14 @@ def test_constraints_stay_on_the_base_variables(rng, name):
     for weight in plain.weights:
         constraint = base[weight.name].constraint
         assert type(constraint) is type(weight.constraint), weight.name
+    # A depthwise conv's `depthwise_constraint` is on its `kernel`.
+    weight_names = {
+        "depthwise": "kernel" if "kernel" in base else "depthwise_kernel",
+        "pointwise": "pointwise_kernel",
+    }
     for prefix in prefixes:
-        assert isinstance(base[prefix].constraint, keras.constraints.NonNeg)
+        weight = base[weight_names.get(prefix, prefix)]
+        assert isinstance(weight.constraint, keras.constraints.NonNeg)
     for weight in lora.adapter_weights().values():
         assert weight.constraint is None
 
@@ -770,7 +793,15 @@ def test_regularization_losses_are_a_frozen_plain_layers(rng, name):
 
 @pytest.mark.parametrize(
     "name",
-    ["dense", "einsum_dense", "conv1d", "conv2d", "conv3d", "conv2d_transpose"],
+    [
+        "dense",
+        "einsum_dense",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv2d_transpose",
+        "depthwise_conv2d",
+    ],
 )
 def test_train_bias_regularizes_the_bias(rng, name):
     """With `train_bias=True` the bias is trainable, so Keras's rule adds

@@ -83,6 +83,18 @@ LAYERS = {
         lambda **kw: kl.LoRAConv2DTranspose(4, 3, strides=2, **kw),
         lambda rng: rng.normal(size=(2, 4, 4, 3)).astype("float32"),
     ),
+    "depthwise_conv2d": (
+        kl.LoRADepthwiseConv2D,
+        lambda **kw: keras.layers.DepthwiseConv2D(3, **kw),
+        lambda **kw: kl.LoRADepthwiseConv2D(3, **kw),
+        lambda rng: rng.normal(size=(2, 6, 6, 3)).astype("float32"),
+    ),
+    "separable_conv1d": (
+        kl.LoRASeparableConv1D,
+        lambda **kw: keras.layers.SeparableConv1D(4, 3, **kw),
+        lambda **kw: kl.LoRASeparableConv1D(4, 3, **kw),
+        lambda rng: rng.normal(size=(2, 6, 3)).astype("float32"),
+    ),
     "embedding": (
         kl.LoRAEmbedding,
         lambda **kw: keras.layers.Embedding(20, 8, **kw),
@@ -344,7 +356,7 @@ def _train_steps(layer, x, steps=3):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_c02_dtype_policies_train_adapters(rng, policy):
-    """C02 for every layer (one model holding all seven) and policy: adapters
+    """C02 for every layer (one model holding all ten) and policy: adapters
     float32, outputs finite and in the compute dtype, Adam moves the
     adapters every step.
 
@@ -355,7 +367,7 @@ def test_c02_dtype_policies_train_adapters(rng, policy):
     keras.config.set_dtype_policy(policy)
     model, inputs = _all_layers_model(rng, nonzero=False)
     layers = [x for x in model.layers if isinstance(x, kl.LoRALayer)]
-    assert len(layers) == 7
+    assert len(layers) == 10
     for layer in layers:
         assert layer.dtype_policy.name == policy
         for w in layer.adapter_weights().values():
@@ -365,7 +377,7 @@ def test_c02_dtype_policies_train_adapters(rng, policy):
     # Eager calls of the reverse projection give the compute dtype (as the
     # plain layer does); inside a Functional model Keras hands it back as
     # float32 under mixed policies, so both are accepted for that output.
-    expected_dtypes = [{compute}] * 4 + [{compute, "float32"}] + [{compute}] * 2
+    expected_dtypes = [{compute}] * 4 + [{compute, "float32"}] + [{compute}] * 4
     for out, dtypes in zip(outs, expected_dtypes, strict=True):
         assert keras.backend.standardize_dtype(out.dtype) in dtypes
         assert np.all(np.isfinite(np_(ops.cast(out, "float32"))))
@@ -630,6 +642,9 @@ def _all_layers_model(rng, nonzero=True):
     rev = kl.LoRAReversibleEmbedding(
         20, 8, rank=2, tie_weights=False, name="rev"
     )
+    up = kl.LoRAConv2DTranspose(3, 2, strides=2, rank=2, name="up")
+    dw = kl.LoRADepthwiseConv2D(3, depth_multiplier=2, rank=2, name="dw")
+    sep = kl.LoRASeparableConv1D(4, 3, rank=2, alpha=3, name="sep")
     h = dense(x_in)
     outputs = [
         einsum(h),
@@ -639,10 +654,12 @@ def _all_layers_model(rng, nonzero=True):
         rev(h, reverse=True),
         conv1(seq_in),
         conv3(vol_in),
+        dw(up(img_in)),
+        sep(seq_in),
     ]
     model = keras.Model([x_in, img_in, ids_in, seq_in, vol_in], outputs)
     if nonzero:
-        for layer in (dense, einsum, conv, emb, rev, conv1, conv3):
+        for layer in (dense, einsum, conv, emb, rev, conv1, conv3, up, dw, sep):
             set_adapters(layer, rng)
     inputs = [
         rng.normal(size=(2, 3, 8)).astype("float32"),
@@ -730,7 +747,14 @@ def _adapted_sizes(layer):
     return {
         math.prod(w.shape)
         for n, w in layer.base_weights().items()
-        if n in ("kernel", "embeddings", "reverse_embeddings")
+        if n
+        in (
+            "kernel",
+            "depthwise_kernel",
+            "pointwise_kernel",
+            "embeddings",
+            "reverse_embeddings",
+        )
     }
 
 
@@ -814,9 +838,10 @@ _LOAD_SCRIPT = textwrap.dedent(
     model = keras.saving.load_model(path)
     kinds = sorted(type(l).__name__ for l in model.layers
                    if isinstance(l, kl.LoRALayer))
-    assert kinds == ["LoRAConv1D", "LoRAConv2D", "LoRAConv3D", "LoRADense",
+    assert kinds == ["LoRAConv1D", "LoRAConv2D", "LoRAConv2DTranspose",
+                     "LoRAConv3D", "LoRADense", "LoRADepthwiseConv2D",
                      "LoRAEinsumDense", "LoRAEmbedding",
-                     "LoRAReversibleEmbedding"], kinds
+                     "LoRAReversibleEmbedding", "LoRASeparableConv1D"], kinds
     data = np.load(inputs_path)
     outs = model([data[k] for k in ("x", "img", "ids", "seq", "vol")])
     np.savez(out_path, *[keras.ops.convert_to_numpy(o) for o in outs])

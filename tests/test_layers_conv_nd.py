@@ -8,6 +8,8 @@ import keras
 import numpy as np
 import pytest
 import reference as ref
+from conv_checks import check_outputs
+from conv_checks import plain_output
 from numerics import assert_close
 from numerics import assert_exact
 from numerics import close
@@ -19,53 +21,6 @@ CLASSES = {1: kl.LoRAConv1D, 3: kl.LoRAConv3D}
 
 def np_(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
-
-
-def _plain_output(layer, x, backend_quirk):
-    """The plain Keras layer's output with `layer`'s base weights, which the
-    LoRA layer at init (B = 0) must equal exactly; or None where the plain
-    layer raises on this backend (TensorFlow's CPU kernels lack some
-    channels_first / grouped convolutions): then the LoRA layer must raise
-    the same."""
-    cls = type(layer)
-    plain = cls.base_class.from_config(layer.base_config())
-    plain.build(x.shape)
-    plain.set_weights([np_(layer.kernel), np_(layer.bias)])
-    try:
-        plain_out = np_(plain(x))
-    except Exception as error:
-        backend_quirk(
-            f"plain {cls.base_class.__name__} raises",
-            layer.get_config(),
-            f"{type(error).__name__}: {str(error).splitlines()[0][:160]}",
-        )
-        with pytest.raises(type(error)):
-            layer(x)
-        return None
-    assert_exact(np_(layer(x)), plain_out)  # B = 0: the base output
-    return plain_out
-
-
-def _check_outputs(layer, merged, x, plain_out, base_ref, unmerged, quirk):
-    """The adapted output equals the unmerged NumPy oracle (unless the plain
-    layer itself disagrees with the base oracle, a backend bug, recorded);
-    the merged layer and an in-place merge give it too, and unmerging gives
-    it back bit for bit."""
-    out = np_(layer(x))
-    if close(plain_out, base_ref):
-        assert_close(out, unmerged)
-    else:
-        quirk(
-            f"plain {type(layer).base_class.__name__} differs from the NumPy "
-            "oracle",
-            layer.get_config(),
-            f"max abs diff {np.abs(plain_out - base_ref).max():.3g}",
-        )
-    assert_close(np_(merged(x)), out)
-    layer.merge_adapter()
-    assert_close(np_(layer(x)), out)
-    layer.unmerge_adapter()
-    assert_exact(np_(layer(x)), out)
 
 
 def _combos():
@@ -120,7 +75,7 @@ def test_conv_nd_combination_matches_oracle(
     layer.build(x.shape)
     assert tuple(layer.lora_a.shape) == (3,) * k + (4 // groups, 2)
     assert tuple(layer.lora_b.shape) == (2, 6)
-    plain_out = _plain_output(layer, x, backend_quirk)
+    plain_out = plain_output(layer, x, backend_quirk)
     for w in layer.adapter_weights().values():
         w.assign(rng.normal(size=w.shape).astype("float32") * 0.5)
     a, b = np_(layer.lora_a), np_(layer.lora_b)
@@ -149,7 +104,7 @@ def test_conv_nd_combination_matches_oracle(
         ref.conv_nd(x, kernel + delta, bias, **kwargs),
         dtype="float64",
     )
-    _check_outputs(
+    check_outputs(
         layer, merged, x, plain_out, base_ref, unmerged, backend_quirk
     )
 
@@ -181,10 +136,10 @@ def test_causal_conv1d_output_ignores_the_future(rng):
     assert not close(out_y[:, -1], out_x[:, -1])
 
 
-def test_apply_lora_adapts_conv1d_and_conv3d_and_names_what_it_cannot(rng):
-    """With no attention layers the default targets every Conv1D, Conv2D,
-    Conv3D and Dense; a separable convolution named in `targets` is a
-    TypeError listing the supported kinds, with the model unchanged."""
+def test_apply_lora_adapts_conv1d_conv3d_and_separable_by_default(rng):
+    """With no attention layers the default targets every Conv1D, Conv3D,
+    separable convolution and Dense; the adapted model starts at the
+    plain model's outputs, bit for bit."""
     seq = keras.Input((8, 3))
     vol = keras.Input((4, 4, 4, 2))
     h = keras.layers.Conv1D(4, 3, padding="causal", name="c1")(seq)
@@ -197,17 +152,18 @@ def test_apply_lora_adapts_conv1d_and_conv3d_and_names_what_it_cannot(rng):
         rng.normal(size=(2, 4, 4, 4, 2)).astype("float32"),
     ]
     expected = [np_(o) for o in model(x)]
-    with pytest.warns(UserWarning, match=r"t1 \(SeparableConv1D\)"):
-        lora = kl.apply_lora(model, rank=2)
+    lora = kl.apply_lora(model, rank=2)
     kinds = {
         p: type(layer).__name__ for p, layer in kl.lora_layers(lora).items()
     }
-    assert sorted(kinds.values()) == ["LoRAConv1D", "LoRAConv3D", "LoRADense"]
+    assert kinds == {
+        "c1": "LoRAConv1D",
+        "t1": "LoRASeparableConv1D",
+        "c3": "LoRAConv3D",
+        "head": "LoRADense",
+    }
     for got, want in zip(lora(x), expected, strict=True):
         assert_exact(np_(got), want)
-    with pytest.raises(TypeError, match="SeparableConv1D") as info:
-        kl.apply_lora(model, rank=2, targets=["t1"])
-    assert "Conv1D, Conv2D, Conv3D" in str(info.value)
 
 
 TRANSPOSED = {
@@ -287,7 +243,7 @@ def test_conv_transpose_combination_matches_oracle(
     assert tuple(layer.kernel.shape) == (3,) * k + (5, 3)
     assert tuple(layer.lora_a.shape) == (3,) * k + (3, 2)
     assert tuple(layer.lora_b.shape) == (2, 5)
-    plain_out = _plain_output(layer, x, backend_quirk)
+    plain_out = plain_output(layer, x, backend_quirk)
     for w in layer.adapter_weights().values():
         w.assign(rng.normal(size=w.shape).astype("float32") * 0.5)
     a, b = np_(layer.lora_a), np_(layer.lora_b)
@@ -319,6 +275,6 @@ def test_conv_transpose_combination_matches_oracle(
         ref.conv_transpose_nd(x, kernel + delta, bias, out_spatial, **kwargs),
         dtype="float64",
     )
-    _check_outputs(
+    check_outputs(
         layer, merged, x, plain_out, base_ref, unmerged, backend_quirk
     )

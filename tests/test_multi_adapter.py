@@ -363,26 +363,38 @@ _CONV_CASES = [
     (keras_lora.LoRAConv2D, (6, 6), {}),
     (keras_lora.LoRAConv3D, (4, 4, 4), {"strides": 2}),
 ]
+# Kinds without groups: (class, spatial shape, positional args, kwargs).
+_OTHER_CONV_CASES = [
+    (keras_lora.LoRAConv2DTranspose, (4, 4), (4, 3), {"strides": 2}),
+    (keras_lora.LoRADepthwiseConv1D, (6,), (3,), {"depth_multiplier": 2}),
+    (keras_lora.LoRADepthwiseConv2D, (5, 5), (3,), {"padding": "same"}),
+    (keras_lora.LoRASeparableConv1D, (6,), (4, 3), {"depth_multiplier": 2}),
+    (keras_lora.LoRASeparableConv2D, (5, 5), (4, 3), {"strides": 2}),
+]
 
 
 @pytest.mark.parametrize(
-    "cls, spatial, kwargs",
-    [(c, s, dict(kw, groups=g)) for c, s, kw in _CONV_CASES for g in (1, 2)]
-    # Keras's transposed convolutions have no groups.
-    + [(keras_lora.LoRAConv2DTranspose, (4, 4), {"strides": 2})],
+    "cls, spatial, args, kwargs",
+    [
+        (c, s, (4, 3 if len(s) < 3 else 2), dict(kw, groups=g))
+        for c, s, kw in _CONV_CASES
+        for g in (1, 2)
+    ]
+    + _OTHER_CONV_CASES,
     ids=[f"{c.__name__}-groups{g}" for c, _, _ in _CONV_CASES for g in (1, 2)]
-    + ["LoRAConv2DTranspose"],
+    + [c.__name__ for c, _, _, _ in _OTHER_CONV_CASES],
 )
 def test_c22_conv_mixed_batch_gives_each_example_its_adapter(
-    cls, spatial, kwargs
+    cls, spatial, args, kwargs
 ):
     """C22: Conv2D(4, 3), rank 2, "default" and "b" with different B, a
     mixed batch of 2 images assigned "default" and "b": each image gets
     its own adapter's output (the same as running it alone with that
     adapter active), and the two differ. The same for Conv1D (causal),
-    Conv3D and Conv2DTranspose."""
+    Conv3D, Conv2DTranspose and the depthwise and separable convolutions
+    (both of a separable one's adapter pairs per example)."""
     inputs = keras.Input(spatial + (2,))
-    layer = cls(4, 3 if len(spatial) < 3 else 2, rank=2, name="conv", **kwargs)
+    layer = cls(*args, rank=2, name="conv", **kwargs)
     model = keras.Model(inputs, layer(inputs))
     assign(model, random_adapter(model, 0))
     multi.add_adapter(model, "b", random_adapter(model, 1))

@@ -20,7 +20,17 @@ from keras_lora.layers.config import lora_scaling
 from keras_lora.layers.layout import adapter_layout_scope
 
 # Names of the frozen weights of the Keras layers we adapt, in Keras's order.
-BASE_WEIGHT_NAMES = ("kernel", "bias", "embeddings", "reverse_embeddings")
+BASE_WEIGHT_NAMES = (
+    "kernel",
+    "depthwise_kernel",
+    "pointwise_kernel",
+    "bias",
+    "embeddings",
+    "reverse_embeddings",
+)
+
+#: The adapter pair of a layer's main adapted weight.
+MAIN_PAIR = ("lora_a", "lora_b")
 
 # The constructor arguments a LoRA layer adds to its Keras base layer.
 LORA_CONFIG_KEYS = (
@@ -303,12 +313,17 @@ class LoRALayer:
     #: also the given model's, so they are never written.
     base_shared = False
 
-    def mixed_adapter_delta(self, inputs, training=None, reverse=False):
-        """The per-example adapter update inside `keras_lora.multi.mixed_batch`,
-        else `None` (then `call` takes the single-adapter path unchanged)."""
+    def mixed_adapter_delta(
+        self, inputs, training=None, pair=MAIN_PAIR, branch=None
+    ):
+        """The per-example update of adapter `pair` (computed by `branch`,
+        default `self.branch`) inside `keras_lora.multi.mixed_batch`, else
+        `None` (then `call` takes the single-adapter path unchanged)."""
         if self.adapter_bank is None:
             return None
-        return self.adapter_bank.mixed_delta(self, inputs, training, reverse)
+        return self.adapter_bank.mixed_delta(
+            self, inputs, training, pair, branch or self.branch
+        )
 
     def branch(self, inputs, a, b, training=None, adapter_ids=None):
         """The LoRA branch `(dropout(x) @ A) @ sB` from given factors.
@@ -337,14 +352,17 @@ class LoRALayer:
             "layer class must define `branch`."
         )
 
-    def adapter_delta(self, inputs, training=None):
-        """What `call` adds to the base output: the per-example update in a
-        mixed batch, else the active adapter's, else (merged) `None`."""
-        mixed = self.mixed_adapter_delta(inputs, training)
+    def adapter_delta(self, inputs, training=None, pair=MAIN_PAIR, branch=None):
+        """What `call` adds to the base output for adapter `pair` (its A and
+        B names; `branch` computes it, default `self.branch`): the
+        per-example update in a mixed batch, else the active adapter's,
+        else (merged) `None`."""
+        branch = branch or self.branch
+        mixed = self.mixed_adapter_delta(inputs, training, pair, branch)
         if mixed is not None:
             return mixed
         if self.lora_active():
-            return self.branch(inputs, *self.adapter_factors(), training)
+            return branch(inputs, *self.adapter_factors(*pair), training)
         return None
 
     # -- Merging ------------------------------------------------------------

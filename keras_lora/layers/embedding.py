@@ -230,11 +230,9 @@ class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
             x = ops.cast(x, self.reverse_dtype)
             kernel = ops.cast(kernel, self.reverse_dtype)
         logits = ops.matmul(x, kernel)
-        delta = self.mixed_adapter_delta(x, training, reverse=True)
-        if delta is None and self.lora_active():
-            delta = self.reverse_branch(
-                x, *self.adapter_factors(*self.reverse_pair()), training
-            )
+        delta = self.adapter_delta(
+            x, training, self.reverse_pair(), self.reverse_branch
+        )
         if delta is not None:
             logits = ops.add(logits, delta)
         if self.logit_soft_cap is not None:

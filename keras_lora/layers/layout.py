@@ -30,12 +30,15 @@ def _active_distribution():
 
 
 def adapted_weight(layer, adapter_name):
-    """The base variable (`kernel`, `embeddings`, `reverse_embeddings`) an
-    adapter of `layer` adapts, or `None`."""
+    """The base variable (`kernel`, `pointwise_kernel`, `depthwise_kernel`,
+    `embeddings`, `reverse_embeddings`) an adapter of `layer` adapts, or
+    `None`."""
     base = layer.base_weights()
     if adapter_name.startswith("reverse_"):
         return base.get("reverse_embeddings")
-    for name in ("kernel", "embeddings"):
+    if adapter_name.startswith("depthwise_"):
+        return base.get("depthwise_kernel")
+    for name in ("kernel", "pointwise_kernel", "embeddings"):
         if name in base:
             return base[name]
     return None
@@ -127,8 +130,8 @@ def adapter_layout(layer, adapter_name, base_layout=None):
 
     Args:
         layer: a built (or building: base weights created) keras_lora layer.
-        adapter_name: str, `"lora_a"`, `"lora_b"`, `"reverse_lora_a"` or
-            `"reverse_lora_b"`.
+        adapter_name: str, one of the layer's adapter names (`"lora_a"`,
+            `"lora_b"`, `"reverse_lora_a"`, `"depthwise_lora_b"`, ...).
         base_layout: optional `keras.distribution.TensorLayout` (or jax
             `NamedSharding`) of the base weight. Defaults to the layout the
             base variable was created with, or, if it has none, the active
