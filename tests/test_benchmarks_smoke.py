@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks import adapters  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import inference  # noqa: E402
 from benchmarks import layers  # noqa: E402
@@ -351,3 +352,34 @@ def test_performance_page_layer_table_is_the_scripts():
     with open(os.path.join(ROOT, "docs", "performance.md")) as f:
         page = f.read()
     assert layers.table(os.path.join(ROOT, "benchmarks", "results")) in page
+
+
+def test_adapter_serving_never_recompiles_and_mixed_equals_merged(tmp_path):
+    """Switching adapters keeps the compiled predict function; the mixed
+    batch's outputs are each adapter's merged model's (float32 rounding of
+    the largest output); every ratio is positive and finite."""
+    result = adapters.main(SMOKE + ["--out", str(tmp_path)])
+    (row,) = result["results"]
+    assert row["switch"]["recompiled"] is False
+    mixed = row["mixed"]
+    assert mixed["adapters"] == adapters.ADAPTERS
+    assert (
+        mixed["examples_per_adapter"] * mixed["adapters"] == row["batch_size"]
+    )
+    assert_diff_within(
+        mixed["mixed_vs_merged_max_abs_diff"], mixed["output_max_abs"], ulps=64
+    )
+    ratios = [*row["switch"]["ratios"].values(), *mixed["ratios"].values()]
+    assert len(ratios) == 3
+    assert all(_positive_finite(r["median"]) for r in ratios)
+    assert os.path.exists(
+        tmp_path / f"adapters_{keras.backend.backend()}_{DEVICE}.json"
+    )
+
+
+def test_performance_page_adapter_table_is_the_scripts():
+    """docs/performance.md shows exactly `benchmarks.adapters.table()` of
+    the JSON in benchmarks/results."""
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        page = f.read()
+    assert adapters.table(os.path.join(ROOT, "benchmarks", "results")) in page
