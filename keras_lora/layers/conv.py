@@ -14,6 +14,21 @@ from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.config import layer_config
 
 
+def bias_and_activation(layer, outputs):
+    """The end of a Keras convolution's `call` (every keras_lora
+    convolution shares it): bias over the channel axis, then the
+    activation."""
+    if layer.use_bias:
+        if layer.data_format == "channels_last":
+            bias_shape = (1,) * (layer.rank + 1) + (-1,)
+        else:
+            bias_shape = (1, -1) + (1,) * layer.rank
+        outputs = ops.add(outputs, ops.reshape(layer.bias, bias_shape))
+    if layer.activation is not None:
+        return layer.activation(outputs)
+    return outputs
+
+
 class LoRAConvMixin(LoRALayer):
     """The LoRA body shared by `LoRAConv1D`, `LoRAConv2D` and `LoRAConv3D`
     (mixed in before the Keras convolution class)."""
@@ -63,15 +78,7 @@ class LoRAConvMixin(LoRALayer):
         delta = self.adapter_delta(inputs, training)
         if delta is not None:
             outputs = ops.add(outputs, delta)
-        if self.use_bias:
-            if self.data_format == "channels_last":
-                bias_shape = (1,) * (self.rank + 1) + (self.filters,)
-            else:
-                bias_shape = (1, self.filters) + (1,) * self.rank
-            outputs = ops.add(outputs, ops.reshape(self.bias, bias_shape))
-        if self.activation is not None:
-            return self.activation(outputs)
-        return outputs
+        return bias_and_activation(self, outputs)
 
     def branch(self, inputs, a, b, training=None, adapter_ids=None):
         """`conv(dropout(x), A)` then `sB` as a (grouped) 1x1 convolution.

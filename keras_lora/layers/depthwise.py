@@ -21,6 +21,7 @@ from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.base import format_docstring
 from keras_lora.layers.base import low_rank_matmul
 from keras_lora.layers.config import layer_config
+from keras_lora.layers.conv import bias_and_activation
 
 #: The adapter pair of a separable convolution's depthwise kernel.
 DEPTHWISE_PAIR = ("depthwise_lora_a", "depthwise_lora_b")
@@ -36,20 +37,6 @@ def _layer_format(x, layer):
     if layer.data_format == "channels_first":
         return ops.moveaxis(x, -1, 1)
     return x
-
-
-def _bias_and_activation(layer, outputs):
-    """The end of the Keras layer's `call`: bias over the channel axis,
-    then the activation."""
-    if layer.use_bias:
-        if layer.data_format == "channels_last":
-            bias_shape = (1,) * (layer.rank + 1) + (-1,)
-        else:
-            bias_shape = (1, -1) + (1,) * layer.rank
-        outputs = ops.add(outputs, ops.reshape(layer.bias, bias_shape))
-    if layer.activation is not None:
-        return layer.activation(outputs)
-    return outputs
 
 
 def depthwise_update(layer, x, a, b, adapter_ids=None):
@@ -139,7 +126,7 @@ class LoRADepthwiseConvMixin(LoRALayer):
         delta = self.adapter_delta(inputs, training)
         if delta is not None:
             outputs = ops.add(outputs, delta)
-        return _bias_and_activation(self, outputs)
+        return bias_and_activation(self, outputs)
 
     def branch(self, inputs, a, b, training=None, adapter_ids=None):
         """`depthwise_conv(dropout(x), A)` into `rank` channels per input
@@ -207,7 +194,7 @@ class LoRASeparableConvMixin(LoRALayer):
                 data_format=self.data_format,
             )
             outputs = ops.add(outputs, self.adapter_delta(hidden, training))
-        return _bias_and_activation(self, outputs)
+        return bias_and_activation(self, outputs)
 
     def depthwise_branch(self, inputs, a, b, training=None, adapter_ids=None):
         """The depthwise kernel's update (`branch`'s arguments, for
