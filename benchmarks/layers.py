@@ -4,8 +4,9 @@ For each layer kind (Dense, EinsumDense, Conv1D, Conv2D, Conv3D,
 Conv2DTranspose, DepthwiseConv2D, SeparableConv2D, Embedding)
 a one-layer model is trained with `train_on_batch` (SGD, MSE), compiled as
 Keras compiles it on the backend, in two variants built from the same
-weights: `plain` (the Keras layer, every weight trained: full fine-tuning)
-and `lora` (keras_lora's layer, rank 8, only A and B trained). Interleaved
+weights: `plain` (the Keras layer, every weight trained: full fine-tuning),
+`lora` (keras_lora's layer, rank 8, only A and B trained) and `dora` (the
+same with `use_dora=True`: A, B and the magnitude trained). Interleaved
 rounds, median of the per-round ratios.
 
     KERAS_BACKEND=jax python -m benchmarks.layers --quick
@@ -119,13 +120,18 @@ def run(size="quick", device="cpu"):
             x = rng.normal(size=shape).astype("float32")
         plain = plain_factory()
         y = np.zeros(ops.convert_to_numpy(plain(x)).shape, "float32")
-        twin = plain_factory()
-        twin.build(x.shape)
-        twin.set_weights(plain.get_weights())
-        lora = lora_class.from_layer(twin, rank=spec["rank"])
+        twins = []
+        for _ in range(2):
+            twin = plain_factory()
+            twin.build(x.shape)
+            twin.set_weights(plain.get_weights())
+            twins.append(twin)
+        lora = lora_class.from_layer(twins[0], rank=spec["rank"])
+        dora = lora_class.from_layer(twins[1], rank=spec["rank"], use_dora=True)
         steps = {
             "plain": _train_step(plain, x, y),
             "lora": _train_step(lora, x, y),
+            "dora": _train_step(dora, x, y),
         }
         times = common.interleaved_times(steps, spec["warmup"], spec["rounds"])
         kernels = [list(w.shape) for w in plain.weights if w.name != "bias"]
@@ -138,9 +144,12 @@ def run(size="quick", device="cpu"):
             "trainable_params": {
                 "plain": common.count_params(plain.trainable_weights),
                 "lora": common.count_params(lora.trainable_weights),
+                "dora": common.count_params(dora.trainable_weights),
             },
             "ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
             "lora/plain": common.ratio_stats(times["lora"], times["plain"]),
+            "dora/plain": common.ratio_stats(times["dora"], times["plain"]),
+            "dora/lora": common.ratio_stats(times["dora"], times["lora"]),
             "times_s": times,
         }
     return {
@@ -174,6 +183,13 @@ def table(out_dir="benchmarks/results", device="cpu"):
     header = ["layer", "kernel", "input", "trainable LoRA / plain"] + [
         f"{b} lora / plain (plain ms)" for b in results
     ]
+    dora = all(
+        "dora/plain" in r
+        for res in results.values()
+        for r in res["results"].values()
+    )
+    if dora:
+        header += [f"{b} dora / plain" for b in results]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind, row in first["results"].items():
         params = row["trainable_params"]
@@ -191,6 +207,11 @@ def table(out_dir="benchmarks/results", device="cpu"):
             cells.append(
                 f"{r['lora/plain']['median']:.2f} ({r['ms']['plain']:.2f})"
             )
+        if dora:
+            cells += [
+                f"{result['results'][kind]['dora/plain']['median']:.2f}"
+                for result in results.values()
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -214,7 +235,7 @@ def main(argv=None):
         f"(full fine-tuning), backend {result['machine']['backend']}"
     )
     common.print_table(
-        ["layer", "kernel", "plain ms", "lora ms", "lora/plain"],
+        ["layer", "kernel", "plain ms", "lora ms", "lora/plain", "dora/plain"],
         [
             [
                 kind,
@@ -222,6 +243,7 @@ def main(argv=None):
                 f"{row['ms']['plain']:.3f}",
                 f"{row['ms']['lora']:.3f}",
                 f"{row['lora/plain']['median']:.2f}",
+                f"{row['dora/plain']['median']:.2f}",
             ]
             for kind, row in result["results"].items()
         ],

@@ -17,6 +17,16 @@ from keras.src.backend import set_keras_mask  # noqa: F401
 from keras.src.backend.common.name_scope import current_path  # noqa: F401
 
 
+def no_autocast():
+    """A scope in which float variables read as their own dtype, not the
+    layer's compute dtype (Keras's `AutocastScope(None)`): DoRA reads its
+    float32 magnitude and the base weight for the norm at full precision
+    under mixed policies."""
+    from keras.src.backend.common.variables import AutocastScope
+
+    return AutocastScope(None)
+
+
 @contextlib.contextmanager
 def unlocked(layer):
     """Lets a built layer track new variables (as Keras's `enable_lora`)."""

@@ -1,9 +1,10 @@
 """Adapter checkpoints: only the LoRA variables, keyed by stable layer path.
 
 `save_adapters(model, path)` writes one safetensors file holding the adapter
-variables (`lora_a`, `lora_b`, and the bias of layers built with
-`train_bias=True`) and, in the file's metadata, a JSON config: each adapted
-layer's path, class, rank, alpha, rsLoRA flag, dropout and variable shapes,
+variables (`lora_a`, `lora_b`, the DoRA magnitude `lora_magnitude` of
+`use_dora` layers, and the bias of layers built with `train_bias=True`)
+and, in the file's metadata, a JSON config: each adapted layer's path,
+class, rank, alpha, rsLoRA and DoRA flags, dropout and variable shapes,
 plus the keras_lora and Keras versions, the backend and the base model's class.
 Tensor keys are `<layer path>.<variable name>`, e.g.
 `decoder_block_0/attention/query.lora_a`, and the config records each
@@ -97,6 +98,7 @@ def _layer_config(layer, shapes, stable_path):
         "use_rslora": bool(layer.use_rslora),
         "dropout": float(layer.adapter_dropout),
         "train_bias": bool(layer.train_bias),
+        "use_dora": bool(layer.use_dora),
         "shapes": {n: list(shape) for n, shape in shapes.items()},
     }
 
@@ -143,16 +145,24 @@ def adapter_state(model, name=None):
                 "`unmerge_adapter()` before saving its trained bias."
             )
         variables = _layer_variables(layer)
-        for var, variable in variables.items():
-            value = to_numpy(variable)
-            if var == "bias" and layer.merged:
-                value = to_numpy(layer.original_value("bias"))
+        values = {n: to_numpy(v) for n, v in variables.items()}
+        if "bias" in values and layer.merged:
+            values["bias"] = to_numpy(layer.original_value("bias"))
+        if layer.has_residual:
+            # PiSSA / OLoRA: the update of the original weights, rank 2r.
+            plain, rank, alpha = layer.plain_lora_state()
+            values.update(plain)
+        for var, value in values.items():
             tensors[f"{path}.{var}"] = np.ascontiguousarray(value)
-        layer_configs[path] = _layer_config(
+        config = _layer_config(
             layer,
-            {n: v.shape for n, v in variables.items()},
+            {n: v.shape for n, v in values.items()},
             stable.get(id(layer)),
         )
+        if layer.has_residual:
+            config.update(rank=rank, alpha=float(alpha))
+            config["converted_from"] = layer.lora_init
+        layer_configs[path] = config
     return tensors, _file_config(model, layer_configs)
 
 
@@ -410,6 +420,14 @@ def _apply_stored_config(model, config):
         return re.compile(re.escape(rename.get(stored, stored)))
 
     patterns = {p: exact(p) for p in layers}
+    dora = {bool(c.get("use_dora", False)) for c in layers.values()}
+    if len(dora) > 1:
+        raise ValueError(
+            "The file mixes DoRA and plain LoRA layers; `load_adapters` "
+            "adapts a plain model with one `use_dora` for every layer. "
+            "Adapt the model yourself (`keras_lora.apply_lora` with "
+            "`use_dora=True` for the DoRA layers), then load the file."
+        )
     return apply_lora(
         model,
         rank=first["rank"],
@@ -420,6 +438,7 @@ def _apply_stored_config(model, config):
         train_bias=first["train_bias"],
         rank_pattern={patterns[p]: c["rank"] for p, c in layers.items()},
         alpha_pattern={patterns[p]: c["alpha"] for p, c in layers.items()},
+        use_dora=dora.pop(),
     )
 
 
@@ -533,6 +552,17 @@ def validated_values(layers, tensors):
         AdapterMismatchError: see `check_adapter_state`.
         ValueError: a layer is merged in place, or a value is not finite.
     """
+    residual = sorted(p for p, layer in layers.items() if layer.has_residual)
+    if residual:
+        init = layers[residual[0]].lora_init
+        raise ValueError(
+            f"Layers {residual} start from their base weights "
+            f"(init={init!r}) and compute with the residual; adapter files "
+            "hold plain LoRA updates of the original weights. Load them into "
+            "`keras_lora.apply_lora(original_model, ...)` (or into the "
+            "original model, which `load_adapters` adapts); to resume "
+            f"training an init={init!r} model, save and load it as `.keras`."
+        )
     expected = check_adapter_state(layers, tensors)
     merged = sorted(p for p, layer in layers.items() if layer.merged)
     if merged:
@@ -553,6 +583,29 @@ def validated_values(layers, tensors):
     return values
 
 
+def check_dora(layers, layer_configs):
+    """Refuses a checkpoint whose layers disagree with the model's on DoRA
+    (`use_dora` in the file's layer configs; absent means plain LoRA).
+
+    Raises:
+        ValueError: naming the layers and both settings.
+    """
+    differ = {
+        path: bool(config.get("use_dora", False))
+        for path, config in (layer_configs or {}).items()
+        if path in layers
+        and bool(config.get("use_dora", False)) != layers[path].use_dora
+    }
+    if differ:
+        raise ValueError(
+            f"The checkpoint's adapters of layers {sorted(differ)} have "
+            f"use_dora={sorted(set(differ.values()))}, the model's layers "
+            "the other setting. Load it into `apply_lora(original_model, "
+            "use_dora=...)` as the file says, or into the plain model, which "
+            "`load_adapters` adapts. Nothing was loaded."
+        )
+
+
 def assign_adapter_state(layers, tensors, layer_configs=None):
     """Validates, then assigns; the model is unchanged if validation fails.
 
@@ -564,8 +617,10 @@ def assign_adapter_state(layers, tensors, layer_configs=None):
 
     Raises:
         AdapterMismatchError: see `check_adapter_state`.
-        ValueError: if a layer is merged in place (unmerge first).
+        ValueError: if a layer is merged in place (unmerge first), or the
+            checkpoint's `use_dora` differs from a layer's.
     """
+    check_dora(layers, layer_configs)
     values = validated_values(layers, tensors)
     for layer, name, value in values.values():
         _layer_variables(layer)[name].assign(value)
@@ -673,6 +728,7 @@ def _load_named(model, layers, entries, names, file_active):
         adapter_tensors, layer_configs = rekey_to_model(
             model, layers, adapter_tensors, adapter_config
         )
+        check_dora(layers, layer_configs)
         values = validated_values(layers, adapter_tensors)
         for path, layer in layers.items():
             config = layer_configs.get(path, {})

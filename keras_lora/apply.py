@@ -22,6 +22,7 @@ from keras_lora.convert import lora_class_for
 from keras_lora.layers import LoRADense
 from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRALayer
+from keras_lora.layers.config import RESIDUAL_INITS
 from keras_lora.layers.config import LoRAConfig
 from keras_lora.layers.conv import LoRAConvMixin
 from keras_lora.layers.depthwise import LoRADepthwiseConvMixin
@@ -487,6 +488,26 @@ def own_trained_variables(model, walked, kept_layers):
         _keras_private.replace_variables(layer, mapping)
 
 
+def _check_residual_ranks(plan, selected, init):
+    """PiSSA / OLoRA factor each adapted weight to its rank: refuses, before
+    anything is converted, a layer whose rank exceeds `min(d_in, d_out)`."""
+    small = {}
+    for path, (lora_class, layer_config) in plan.items():
+        dims = lora_class.adapted_dims(selected[path])
+        if layer_config.rank > min(min(d) for d in dims):
+            small[path] = (layer_config.rank, dims)
+    if small:
+        listed = "; ".join(
+            f"'{p}': rank={r}, (d_in, d_out) {d}" for p, (r, d) in small.items()
+        )
+        raise ValueError(
+            f"`init={init!r}` needs rank <= min(d_in, d_out) for every "
+            f"adapted weight; these layers are smaller: {listed}. Lower "
+            "their rank (`rank_pattern`) or `exclude` them. Nothing was "
+            "changed."
+        )
+
+
 def apply_lora(
     model: keras.Model,
     rank: int = 8,
@@ -500,6 +521,8 @@ def apply_lora(
     train_bias: bool = False,
     trainable_layers: Targets = None,
     inplace: bool = False,
+    init: str = "default",
+    use_dora: bool = False,
 ) -> keras.Model:
     """Adds LoRA adapters to the target layers of a model.
 
@@ -551,6 +574,18 @@ def apply_lora(
         inplace: bool. `False` (default) returns a new model and leaves
             `model`'s layers as they are; `True` converts `model` itself
             (PEFT's behaviour) and returns it.
+        init: str, how every adapter starts (as the layers' `init`):
+            `"default"`, `"gaussian"` (PEFT's), `"pissa"` (arXiv:2404.02948)
+            or `"olora"` (arXiv:2406.01775). With `"pissa"` / `"olora"`
+            each adapted layer computes with the residual
+            `W - s * A0 @ B0` in a new variable (memory: one more copy of
+            every adapted base weight); `model`'s weights keep their
+            values, and adapter files hold the plain LoRA update against
+            them (rank 2r, see `keras_lora.layers.inits`).
+        use_dora: bool, DoRA (Liu et al. 2024, arXiv:2402.09353) on every
+            adapted layer: a trainable magnitude per output unit rescales
+            `W + s * A @ B` to `m * (W + s * A @ B) / ||W + s * A @ B||`
+            (see `keras_lora.layers.dora`). Defaults to `False`.
 
     Returns:
         The adapted model (`model` itself when `inplace=True`).
@@ -578,6 +613,8 @@ def apply_lora(
         dropout=dropout,
         use_rslora=use_rslora,
         train_bias=train_bias,
+        init=init,
+        use_dora=use_dora,
     )
     if not isinstance(inplace, bool):
         raise TypeError(
@@ -621,6 +658,8 @@ def apply_lora(
         if (layer_rank, layer_alpha) != (rank, alpha):
             layer_config = config.replace(rank=layer_rank, alpha=layer_alpha)
         plan[path] = (lora_class_for(layer), layer_config)
+    if config.init in RESIDUAL_INITS:
+        _check_residual_ranks(plan, selected, config.init)
     if keep is not None:
         layers = walked
         unmatched = [

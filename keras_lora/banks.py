@@ -7,8 +7,11 @@ import contextvars
 import numpy as np
 from keras import ops
 
+from keras_lora._keras_private import no_autocast
 from keras_lora.layers import LoRALayer
+from keras_lora.layers.base import INITIAL_PREFIX
 from keras_lora.layers.config import lora_scaling
+from keras_lora.layers.config import magnitude_name
 from keras_lora.walk import require_lora_layers
 from keras_lora.walk import to_numpy
 
@@ -123,6 +126,34 @@ class AdapterBank:
             stacks_b.append(ops.cast(b, dtype))
         return ops.stack(stacks_a), ops.stack(stacks_b)
 
+    def mixed_scale(self, layer, pair):
+        """DoRA's per-example factor `(batch, d_out)` (float32) of adapter
+        `pair` inside `mixed_batch`: each adapter's `m / ||W + s A B||`,
+        taken per example; `None` outside a mixed batch."""
+        state = MIXED.get()
+        if state is None or id(layer) not in state[0]:
+            return None
+        a_name, b_name = pair
+        m_name = magnitude_name(a_name)
+        scales = []
+        for name, entry in self.adapters.items():
+            if name == self.active:
+                # The float32 variables, not their compute-dtype casts.
+                with no_autocast():
+                    a = getattr(layer, a_name).value
+                    b = getattr(layer, b_name).value
+                    b = ops.multiply(b, layer.scaling)
+                    m = getattr(layer, m_name).value
+            else:
+                s = lora_scaling(
+                    layer.adapter_rank, entry["alpha"], entry["use_rslora"]
+                )
+                a = entry["values"][a_name]
+                b = entry["values"][b_name] * np.float32(s)
+                m = entry["values"][m_name]
+            scales.append(layer.dora_scale(pair, a, b, m))
+        return ops.take(ops.stack(scales), state[1], axis=0)
+
     def mixed_delta(self, layer, inputs, training, pair, branch):
         """Per-example update of the adapter `pair` (A and B names), from
         `branch` (the layer's `branch` or the like), inside `mixed_batch`;
@@ -149,10 +180,24 @@ class AdapterBank:
 
 
 def zero_b(layer):
-    """Sets every B factor of `layer` to zero (its output is the base's)."""
-    for _, b_name, _, _ in layer.lora_shapes():
-        variable = getattr(layer, b_name)
-        variable.assign(ops.zeros(variable.shape, variable.dtype))
+    """Makes `layer`'s output the base layer's: every B factor zero, or for
+    a PiSSA/OLoRA adapter (whose base weights hold the residual) A and B
+    back to their initial values; a DoRA magnitude then takes the adapted
+    weight's norm (its factor is 1)."""
+    initial = layer.initial_weights()
+    if initial:
+        for name in layer.pair_names():
+            getattr(layer, name).assign(initial[INITIAL_PREFIX + name])
+    else:
+        for _, b_name, _, _ in layer.lora_shapes():
+            variable = getattr(layer, b_name)
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
+    if layer.use_dora:
+        for a_name, b_name, _, b_shape in layer.lora_shapes():
+            norms = layer.adapter_norms((a_name, b_name))
+            getattr(layer, magnitude_name(a_name)).assign(
+                ops.reshape(norms, b_shape[1:])
+            )
 
 
 def snapshot_adapters(layer):
@@ -217,6 +262,15 @@ def named_layers(model, create=False):
     missing = not present
     if missing:
         for path, layer in layers.items():
+            if layer.has_residual:
+                raise ValueError(
+                    f"Layer '{path}' was initialized with "
+                    f"init={layer.lora_init!r}: its base weights hold that "
+                    "adapter's residual, so other adapters cannot share "
+                    "them. Save it with `save_adapters` (a plain LoRA "
+                    "update of the original weights) and load it into "
+                    "`apply_lora(original_model, ...)` as a named adapter."
+                )
             if getattr(layer, "train_bias", False):
                 raise ValueError(
                     f"Layer '{path}' trains its bias (`train_bias=True`); "

@@ -108,6 +108,7 @@ def _base_variables(layer):
     adapters = set()
     if hasattr(layer, "adapter_weights") and layer.built:
         adapters = {id(v) for v in layer.adapter_weights().values()}
+        adapters |= {id(v) for v in layer.initial_weights().values()}
     return [
         v for v in _keras_private.own_variables(layer) if id(v) not in adapters
     ]

@@ -38,7 +38,7 @@ from keras_lora.walk import iter_layers
 from keras_lora.walk import to_numpy
 
 #: Names of the adapter variables; none may reach a SavedModel.
-ADAPTER_VARIABLE_NAMES = ("lora_a", "lora_b")
+ADAPTER_VARIABLE_NAMES = ("lora_a", "lora_b", "lora_magnitude")
 
 
 class ExportError(RuntimeError):

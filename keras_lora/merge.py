@@ -117,15 +117,19 @@ def unload(model: keras.Model) -> keras.Model:
     """Returns the base model: every keras_lora layer back to its base layer,
     with the original (unmerged) weights, shared with `model`.
 
+    A layer initialized with `init="pissa"` / `"olora"` gets new variables
+    holding `residual + s * A0 @ B0`: the weights it was given, up to
+    float32 rounding.
+
     Raises:
         ValueError: if `model` has no keras_lora layers.
     """
     layers = require_lora_layers(model, "unload")
     values = {}
     for layer in layers.values():
-        if layer.merged:
+        if layer.merged or layer.has_residual:
             for name, variable in layer.base_weights().items():
-                values[id(variable)] = layer.original_value(name)
+                values[id(variable)] = layer.source_value(name)
     return clone_model_sharing_variables(
         model, values=values, config_transform=_plain_configs, hint=_UNLOAD_HINT
     )

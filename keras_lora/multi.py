@@ -26,7 +26,9 @@ Mixed batches follow the "gather per example" scheme of multi-LoRA serving
 arXiv:2310.18547): the banks are stacked as A (n, d_in, r) and
 B (n, r, d_out) with each adapter's scaling folded into B, gathered by index
 and applied with batched einsums:
-`y_i = x_i @ W + (x_i @ A[k_i]) @ (s_k_i * B[k_i])`.
+`y_i = x_i @ W + (x_i @ A[k_i]) @ (s_k_i * B[k_i])`. On DoRA layers each
+example's output is then rescaled by its own adapter's magnitude over the
+norm of its adapted weight.
 """
 
 import contextlib
@@ -53,6 +55,7 @@ from keras_lora.banks import restore_adapters
 from keras_lora.banks import snapshot_adapters
 from keras_lora.banks import zero_b
 from keras_lora.layers.config import lora_scaling
+from keras_lora.layers.config import magnitude_name
 from keras_lora.walk import lora_layers
 from keras_lora.walk import reset_compiled_functions
 from keras_lora.walk import to_numpy
@@ -101,7 +104,8 @@ def add_adapter(model, name, weights=None):
         name: str, a new adapter name.
         weights: `None` (default) for a fresh adapter (A from the layer's
             `lora_a_initializer`, B from `lora_b_initializer`: zeros, so it
-            starts as the base model); or a path to a `save_adapters` file
+            starts as the base model; a DoRA layer's magnitude starts at
+            the adapted weight's norm); or a path to a `save_adapters` file
             (its alpha and rsLoRA flag come along); or `{key: array}` with
             keys `"<layer path>.lora_a"` etc. as `save_adapters` writes.
             A file holding several adapters gives the one named `name`.
@@ -128,12 +132,19 @@ def add_adapter(model, name, weights=None):
         tensors = {}
         for path, layer in layers.items():
             for a_name, b_name, a_shape, b_shape in layer.lora_shapes():
-                tensors[f"{path}.{a_name}"] = to_numpy(
-                    layer.lora_a_initializer(a_shape, dtype="float32")
-                )
-                tensors[f"{path}.{b_name}"] = to_numpy(
-                    layer.lora_b_initializer(b_shape, dtype="float32")
-                )
+                a = to_numpy(layer.lora_a_initializer(a_shape, "float32"))
+                b = to_numpy(layer.lora_b_initializer(b_shape, "float32"))
+                tensors[f"{path}.{a_name}"] = a
+                tensors[f"{path}.{b_name}"] = b
+                if layer.use_dora:
+                    # DoRA: the magnitude starts at the adapted weight's
+                    # norm, so the new adapter's output is unchanged.
+                    norms = layer.adapter_norms(
+                        (a_name, b_name), a, b * np.float32(layer.scaling)
+                    )
+                    tensors[f"{path}.{magnitude_name(a_name)}"] = np.reshape(
+                        to_numpy(norms, "float32"), b_shape[1:]
+                    )
     elif isinstance(weights, dict):
         tensors = {k: np.array(v, "float32") for k, v in weights.items()}
     else:
@@ -158,6 +169,13 @@ def add_adapter(model, name, weights=None):
             raise ValueError(
                 f"Layer '{path}': the adapter has rank {config.get('rank')}, "
                 f"the layer {layer.adapter_rank}."
+            )
+        if config and config.get("use_dora", False) != layer.use_dora:
+            raise ValueError(
+                f"Layer '{path}': the adapter has use_dora="
+                f"{config.get('use_dora', False)}, the layer "
+                f"use_dora={layer.use_dora}; named adapters of a layer are "
+                "all DoRA or all plain LoRA."
             )
     for path, layer in layers.items():
         config = configs.get(path, {})
@@ -286,8 +304,9 @@ def adapter_tensors(model, name):
 def disable_adapters(model):
     """Context manager in which `model` computes as its base model.
 
-    Every B factor is zero inside, so compiled functions (`predict`,
-    `jax.jit`) see the change without a retrace. Adapters switched to inside
+    Every B factor is zero inside (a DoRA magnitude equals the base
+    weight's norm), so compiled functions (`predict`, `jax.jit`) see the
+    change without a retrace. Adapters switched to inside
     stay disabled. On exit, however the block ends (an exception, nested
     blocks), the adapter state is restored exactly as it was found: the same
     adapters with the same values and alphas, the same one active; what was
@@ -347,8 +366,8 @@ def combine_adapters(model, weights, name):
         name: str, the new adapter's name (not activated).
 
     Raises:
-        ValueError: empty `weights`, unknown names, negative weights, or
-            adapters of different ranks.
+        ValueError: empty `weights`, unknown names, negative weights,
+            adapters of different ranks, or DoRA layers.
     """
     _check_name(name)
     if not isinstance(weights, dict) or not weights:
@@ -371,6 +390,13 @@ def combine_adapters(model, weights, name):
     layers = named_layers(model, create=True)
     if name in list_adapters(model):
         raise ValueError(f"An adapter named {name!r} already exists.")
+    dora = sorted(p for p, layer in layers.items() if layer.use_dora)
+    if dora:
+        raise ValueError(
+            f"Layers {dora} are DoRA layers (`use_dora=True`): a weighted "
+            "sum of DoRA adapters has no single magnitude, so they cannot be "
+            "combined."
+        )
     for bank in model_banks(model):
         bank.sync()
     tensors = {}

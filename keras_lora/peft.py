@@ -312,11 +312,12 @@ def _peft_files(layer_configs, tensors, modules, prefix, architecture):
     """`(tensors, config)` of one adapter in PEFT's layout."""
     dropouts = {c["dropout"] for c in layer_configs.values()}
     rslora = {c["use_rslora"] for c in layer_configs.values()}
-    if len(dropouts) > 1 or len(rslora) > 1:
+    dora = {c.get("use_dora", False) for c in layer_configs.values()}
+    if len(dropouts) > 1 or len(rslora) > 1 or len(dora) > 1:
         raise ValueError(
-            "PEFT has one `lora_dropout` and one `use_rslora` per adapter. "
-            f"Received: dropouts {sorted(dropouts)}, use_rslora "
-            f"{sorted(rslora)}."
+            "PEFT has one `lora_dropout`, one `use_rslora` and one "
+            f"`use_dora` per adapter. Received: dropouts {sorted(dropouts)}, "
+            f"use_rslora {sorted(rslora)}, use_dora {sorted(dora)}."
         )
     out = {}
     for path in layer_configs:
@@ -325,6 +326,13 @@ def _peft_files(layer_configs, tensors, modules, prefix, architecture):
         b = tensors[f"{path}.lora_b"]
         out[f"{key}.lora_A.weight"] = np.ascontiguousarray(a.T)
         out[f"{key}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        magnitude = tensors.get(f"{path}.lora_magnitude")
+        if magnitude is not None:
+            # One number per output feature, in W's (d_out, d_in) row
+            # order: the order of B's flattened output axes.
+            out[f"{key}.lora_magnitude_vector"] = np.ascontiguousarray(
+                magnitude.reshape(-1)
+            )
     rank = _most_common(c["rank"] for c in layer_configs.values())
     alpha = _most_common(c["alpha"] for c in layer_configs.values())
     # PEFT matches pattern keys as `(.*\.)?<key>$` against module names.
@@ -358,7 +366,7 @@ def _peft_files(layer_configs, tensors, modules, prefix, architecture):
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": bool(dora.pop()),
         "revision": None,
     }
     return out, config
@@ -376,13 +384,16 @@ def read_peft_adapter(directory):
     """Reads `adapter_config.json` and `adapter_model.safetensors`.
 
     Returns:
-        `(config, {module: (A (r, d_in), B (d_out, r), alpha)})` with module
-        names as in the keys, less the `.lora_A.weight` suffix.
+        `(config, {module: (A (r, d_in), B (d_out, r), alpha, magnitude)})`
+        with module names as in the keys, less the `.lora_A.weight` suffix;
+        `magnitude` is DoRA's `(d_out,)` `lora_magnitude_vector`, or `None`
+        when the config's `use_dora` is false.
 
     Raises:
         FileNotFoundError: a file is missing.
-        ValueError: not a LoRA adapter, DoRA, a trained bias, embedding
-            adapters, or an A without its B.
+        ValueError: not a LoRA adapter, a trained bias, embedding adapters,
+            an A without its B, or DoRA magnitudes that do not match
+            `use_dora` or B's `d_out`.
     """
     from safetensors.numpy import load_file
 
@@ -401,7 +412,7 @@ def read_peft_adapter(directory):
             f"Only LoRA adapters can be read. Received: peft_type="
             f"{config.get('peft_type')!r} in {config_path!r}"
         )
-    for key, ok in (("use_dora", False), ("bias", "none")):
+    for key, ok in (("bias", "none"),):
         if config.get(key, ok) != ok:
             raise ValueError(
                 f"Unsupported PEFT option in {config_path!r}: "
@@ -410,8 +421,15 @@ def read_peft_adapter(directory):
     if config.get("fan_in_fan_out"):
         raise ValueError("fan_in_fan_out=True (GPT-2 Conv1D) is unsupported.")
     tensors = load_file(weights_path)
+    use_dora = bool(config.get("use_dora", False))
     pairs = {}
+    magnitudes = {}
     for key in tensors:
+        if key.endswith(".lora_magnitude_vector"):
+            magnitudes[key.removesuffix(".lora_magnitude_vector")] = tensors[
+                key
+            ]
+            continue
         match = re.fullmatch(r"(.*)\.lora_([AB])\.weight", key)
         if match is None:
             raise ValueError(
@@ -442,10 +460,30 @@ def read_peft_adapter(directory):
                 f"{module!r}: rank {r} in the weights, {expected_r} in the "
                 "config."
             )
+        magnitude = magnitudes.pop(module, None)
+        if use_dora != (magnitude is not None) or (
+            magnitude is not None and magnitude.shape != (b.shape[0],)
+        ):
+            raise ValueError(
+                f"{module!r}: use_dora={use_dora} in {config_path!r}, and "
+                f"the weights hold "
+                + (
+                    "no lora_magnitude_vector"
+                    if magnitude is None
+                    else f"a lora_magnitude_vector of shape {magnitude.shape}"
+                )
+                + f" (lora_B {b.shape})."
+            )
         modules[module] = (
             a.astype("float32"),
             b.astype("float32"),
             float(_pattern_value(config.get("alpha_pattern"), bare, alpha)),
+            None if magnitude is None else magnitude.astype("float32"),
+        )
+    if magnitudes:
+        raise ValueError(
+            f"{weights_path!r}: lora_magnitude_vector without lora_A / "
+            f"lora_B for modules {sorted(magnitudes)}."
         )
     return config, modules
 
@@ -478,7 +516,7 @@ def load_peft_adapter(model, directory, architecture=None):
     all_paths = [p for p, _ in iter_layers(model)]
     by_path = {}
     unmatched = []
-    for module, (a, b, alpha) in modules.items():
+    for module, (a, b, alpha, magnitude) in modules.items():
         suffix = hf_to_keras_suffix(module, architecture)
         found = [
             p
@@ -488,7 +526,7 @@ def load_peft_adapter(model, directory, architecture=None):
         if len(found) != 1:
             unmatched.append(module)
             continue
-        by_path[found[0]] = (a, b, alpha)
+        by_path[found[0]] = (a, b, alpha, magnitude)
     if unmatched:
         raise ValueError(
             f"These PEFT modules have no single keras-hub layer in the "
@@ -506,14 +544,23 @@ def load_peft_adapter(model, directory, architecture=None):
             use_rslora=use_rslora,
             rank_pattern={exact[p]: v[0].shape[0] for p, v in by_path.items()},
             alpha_pattern={exact[p]: v[2] for p, v in by_path.items()},
+            use_dora=bool(config.get("use_dora", False)),
         )
     layers = lora_layers(model)
     tensors = {}
     layer_configs = {}
-    for path, (a, b, alpha) in by_path.items():
+    use_dora = bool(config.get("use_dora", False))
+    for path, (a, b, alpha, magnitude) in by_path.items():
         tensors[f"{path}.lora_a"] = np.ascontiguousarray(a.T)
         tensors[f"{path}.lora_b"] = np.ascontiguousarray(b.T)
-        layer_configs[path] = {"alpha": alpha, "use_rslora": use_rslora}
+        if magnitude is not None and path in layers and layers[path].use_dora:
+            shape = tuple(layers[path].lora_magnitude.shape)
+            tensors[f"{path}.lora_magnitude"] = magnitude.reshape(shape)
+        layer_configs[path] = {
+            "alpha": alpha,
+            "use_rslora": use_rslora,
+            "use_dora": use_dora,
+        }
     assign_adapter_state(layers, tensors, layer_configs)
     reset_compiled_functions(model)
     return model

@@ -30,12 +30,15 @@ MINILM = os.path.join(
 )
 
 
-def write_peft_dir(directory, pairs, r, alpha, use_rslora=False, **extra):
-    """A PEFT LoRA adapter directory, written from the format by hand."""
+def write_peft_dir(
+    directory, pairs, r, alpha, use_rslora=False, extra=None, **options
+):
+    """A PEFT LoRA adapter directory, written from the format by hand
+    (`extra`: more tensors, e.g. DoRA's `lora_magnitude_vector`)."""
     from safetensors.numpy import save_file
 
     os.makedirs(directory, exist_ok=True)
-    tensors = {}
+    tensors = dict(extra or {})
     for module, (a, b) in pairs.items():
         tensors[f"{module}.lora_A.weight"] = np.asarray(a, "float32")
         tensors[f"{module}.lora_B.weight"] = np.asarray(b, "float32")
@@ -51,13 +54,15 @@ def write_peft_dir(directory, pairs, r, alpha, use_rslora=False, **extra):
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    config.update(extra)
+    config.update(options)
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f)
 
 
 def numpy_merge(base_dir, peft_dir, out_dir):
-    """W += s * B @ A in the HF checkpoint, with NumPy only."""
+    """W += s * B @ A in the HF checkpoint, with NumPy only; with
+    `use_dora`, W = m * V / ||V|| for V = W + s * B @ A and the norm of
+    each row of the (d_out, d_in) weight (PEFT's DoRA merge)."""
     from safetensors.numpy import load_file
     from safetensors.numpy import save_file
 
@@ -83,9 +88,11 @@ def numpy_merge(base_dir, peft_dir, out_dir):
         tail = bare.removeprefix("model.") + ".weight"
         (hf_key,) = [k for k in weights if k.endswith(tail)]
         w = weights[hf_key].astype("float64")
-        weights[hf_key] = (w + s * (b.astype("float64") @ a)).astype(
-            weights[hf_key].dtype
-        )
+        v = w + s * (b.astype("float64") @ a)
+        if config.get("use_dora"):
+            m = adapter[module + ".lora_magnitude_vector"].astype("float64")
+            v = m[:, None] * v / np.linalg.norm(v, axis=1, keepdims=True)
+        weights[hf_key] = v.astype(weights[hf_key].dtype)
         merged += 1
     os.makedirs(out_dir, exist_ok=True)
     save_file(weights, os.path.join(out_dir, "model.safetensors"))
@@ -327,14 +334,80 @@ def test_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="base_model.model.lm_head"):
         peft.load_peft_adapter(backbone, adapter)
+    # use_dora=True without magnitudes (and magnitudes without the flag).
+    q_proj = "base_model.model.model.layers.0.self_attn.q_proj"
+    pair = {q_proj: (rng.normal(size=(2, 16)), rng.normal(size=(16, 2)))}
     dora = str(tmp_path / "dora")
-    write_peft_dir(dora, {}, r=2, alpha=2, use_dora=True)
-    with pytest.raises(ValueError, match="use_dora=True"):
+    write_peft_dir(dora, pair, r=2, alpha=2, use_dora=True)
+    with pytest.raises(ValueError, match="use_dora=True.*no lora_magnitude"):
         peft.load_peft_adapter(backbone, dora)
+    magnitudes = {q_proj + ".lora_magnitude_vector": np.ones(16, "float32")}
+    write_peft_dir(str(tmp_path / "m"), pair, r=2, alpha=2, extra=magnitudes)
+    with pytest.raises(ValueError, match="use_dora=False.*lora_magnitude"):
+        peft.load_peft_adapter(backbone, str(tmp_path / "m"))
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         peft.load_peft_adapter(backbone, str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="`architecture` must be one of"):
         peft.load_peft_adapter(backbone, adapter, architecture="gpt2")
+
+
+@pytest.mark.slow
+def test_dora_export_import_round_trip(tmp_path):
+    """DoRA: `lora_magnitude_vector` (d_out,) per module and `use_dora` in
+    the config; the HF checkpoint merged with PEFT's DoRA formula in NumPy
+    equals the keras_lora model; importing the export is exact."""
+    base = str(tmp_path / "base")
+    cls = tiny_hf_checkpoint("llama", base)
+    model = keras_lora.apply_lora(
+        cls.from_preset(base),
+        rank=2,
+        alpha=4.0,
+        targets=["query", "value", "feedforward_output_dense"],
+        use_dora=True,
+    )
+    rng = np.random.default_rng(3)
+    for layer in keras_lora.adapters.lora_layers(model).values():
+        layer.lora_a.assign(rng.normal(scale=0.2, size=layer.lora_a.shape))
+        layer.lora_b.assign(rng.normal(scale=0.2, size=layer.lora_b.shape))
+        m = to_numpy(layer.lora_magnitude)
+        layer.lora_magnitude.assign(m * rng.uniform(0.8, 1.2, m.shape))
+    out_dir = str(tmp_path / "peft")
+    config = peft.save_peft_adapter(model, out_dir)
+    assert config["use_dora"] is True
+    from safetensors.numpy import load_file
+
+    tensors = load_file(os.path.join(out_dir, "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    (query,) = [
+        layer
+        for path, layer in keras_lora.adapters.lora_layers(model).items()
+        if path.endswith("transformer_layer_0/self_attention/query")
+    ]
+    assert tensors[key + ".lora_magnitude_vector"].shape == (16,)
+    assert_exact(
+        tensors[key + ".lora_magnitude_vector"],
+        to_numpy(query.lora_magnitude).reshape(-1),
+    )
+    assert len(tensors) == 2 * 3 * 3
+    merged = str(tmp_path / "merged")
+    assert numpy_merge(base, out_dir, merged) == 6
+    out = to_numpy(model(decoder_inputs()))
+    expected = to_numpy(cls.from_preset(merged)(decoder_inputs()))
+    assert_close(out, expected, ulps=256)
+    fresh = peft.load_peft_adapter(cls.from_preset(base), out_dir)
+    assert all(
+        layer.use_dora
+        for layer in keras_lora.adapters.lora_layers(fresh).values()
+    )
+    assert_exact(to_numpy(fresh(decoder_inputs())), out)
+    # Into a model that has plain LoRA layers: refused, nothing loaded.
+    plain = keras_lora.apply_lora(
+        cls.from_preset(base),
+        rank=2,
+        targets=["query", "value", "feedforward_output_dense"],
+    )
+    with pytest.raises(ValueError, match="use_dora"):
+        peft.load_peft_adapter(plain, out_dir)
 
 
 def test_export_every_named_adapter_as_peft_does(tmp_path):

@@ -16,7 +16,12 @@ import numpy as np
 from keras import ops
 
 from keras_lora import _keras_private
+from keras_lora.layers import dora
+from keras_lora.layers import inits
+from keras_lora.layers.config import RESIDUAL_INITS
 from keras_lora.layers.config import lora_scaling
+from keras_lora.layers.config import magnitude_name
+from keras_lora.layers.layout import adapted_weight
 from keras_lora.layers.layout import adapter_layout_scope
 
 # Names of the frozen weights of the Keras layers we adapt, in Keras's order.
@@ -41,7 +46,13 @@ LORA_CONFIG_KEYS = (
     "lora_a_initializer",
     "lora_b_initializer",
     "train_bias",
+    "init",
+    "use_dora",
 )
+
+#: Prefix of the frozen copies of a PiSSA/OLoRA adapter's initial factors
+#: (`initial_lora_a`, ...), kept to undo the residual exactly as trained.
+INITIAL_PREFIX = "initial_"
 
 
 def format_docstring(**parts):
@@ -105,6 +116,33 @@ def _sharing(layer, variables):
     return _keras_private.providing_weights(provide)
 
 
+def scale_axis(x, scale, axis, per_example=False):
+    """`x` times a float32 factor per position of its axis `axis` (`-1` or
+    `1`): `scale` `(d,)`, or `(batch, d)` with `per_example` (one factor
+    per example and position), cast to `x`'s dtype. A `tf.RaggedTensor`
+    (a ragged embedding lookup) is scaled on its flat values."""
+    if hasattr(x, "flat_values"):
+        if per_example:
+            raise NotImplementedError(
+                "DoRA in a mixed-adapter batch needs dense inputs; received "
+                "a ragged tensor."
+            )
+        return x.with_flat_values(scale_axis(x.flat_values, scale, axis))
+    scale = ops.cast(scale, x.dtype)
+    ndim = len(x.shape)
+    if axis == -1 or axis == ndim - 1:
+        if per_example:
+            scale = ops.reshape(
+                scale, (-1,) + (1,) * (ndim - 2) + (x.shape[-1],)
+            )
+        return ops.multiply(x, scale)
+    d = x.shape[axis]
+    shape = (1,) * axis + (d,) + (1,) * (ndim - axis - 1)
+    if per_example:
+        shape = (-1,) + shape[1:]
+    return ops.multiply(x, ops.reshape(scale, shape))
+
+
 def is_plain_subclass(layer_class, base_class):
     """True when `layer_class` computes exactly like `base_class`."""
     return (
@@ -140,8 +178,13 @@ class LoRALayer:
         self.adapter_dropout = config.dropout
         self.use_rslora = config.use_rslora
         self.train_bias = config.train_bias
+        self.lora_init = config.init
+        self.use_dora = config.use_dora
         a_init = config.lora_a_initializer
-        if a_init is None:
+        if config.init == "gaussian":
+            # PEFT's `init_lora_weights="gaussian"`: A ~ N(0, 1 / rank).
+            a_init = keras.initializers.RandomNormal(stddev=1 / config.rank)
+        elif a_init is None:
             a_init = self.default_lora_a_initializer
         self.lora_a_initializer = keras.initializers.get(a_init)
         self.lora_b_initializer = keras.initializers.get(
@@ -209,13 +252,145 @@ class LoRALayer:
         layer has any) and the adapter variables. Called by `build`, and by
         `apply_lora` on layers it converts in place."""
         self.build_adapters()
+        if self.has_residual:
+            self.init_from_base()
+        if self.use_dora:
+            self.build_magnitudes()
+
+    def build_magnitudes(self):
+        """Creates each adapter pair's DoRA magnitude (float32, trainable,
+        one number per output unit: B's shape without the rank axis) at
+        `||W + s * A @ B||`, the adapted weight's norm, so the output is
+        unchanged (`W`'s norm when B starts at zero)."""
+        for a_name, b_name, _, b_shape in self.lora_shapes():
+            name = magnitude_name(a_name)
+            variable = self.add_weight(
+                name=name,
+                shape=tuple(b_shape[1:]),
+                initializer="zeros",
+                dtype="float32",
+                trainable=True,
+            )
+            setattr(self, name, variable)
+            variable.assign(
+                ops.reshape(self.adapter_norms((a_name, b_name)), b_shape[1:])
+            )
+
+    def _base_matrix(self, a_name):
+        """The base weight adapter `a_name` adapts, as its `(d_in, d_out)`
+        matrix view, with the axis groups that give it."""
+        a_shape = next(s[2] for s in self.lora_shapes() if s[0] == a_name)
+        base = adapted_weight(self, a_name)
+        shape = tuple(base.shape)
+        groups = self.adapter_axis_groups(shape, len(a_shape))
+        return dora.matrix_view(base.value, *groups), shape, groups
+
+    def adapter_norms(self, pair=None, a=None, b=None):
+        """`||W + s * A @ B||` per output unit of adapter `pair` (default
+        the main pair), float32 `(d_out,)`, from the layer's variables or
+        the given A and `s * B` (float32, any shapes of their sizes)."""
+        a_name, b_name = pair or MAIN_PAIR
+        with _keras_private.no_autocast():
+            if a is None:
+                a = getattr(self, a_name).value
+                b = ops.multiply(getattr(self, b_name).value, self.scaling)
+            matrix, _, _ = self._base_matrix(a_name)
+            r = self.adapter_rank
+            return dora.adapted_norms(
+                matrix, ops.reshape(a, (-1, r)), ops.reshape(b, (r, -1))
+            )
+
+    def dora_scale(self, pair, a, b, magnitude):
+        """DoRA's per-unit factor `m / stop_gradient(||W + A @ sB||)`,
+        float32 `(d_out,)`, for given A, `s * B` and magnitude (variables
+        are read at their float32 precision, not the compute dtype)."""
+        with _keras_private.no_autocast():
+            a, b, magnitude = (
+                t.value if isinstance(t, keras.Variable) else t
+                for t in (a, b, magnitude)
+            )
+            matrix, _, _ = self._base_matrix(pair[0])
+            r = self.adapter_rank
+            return dora.unit_scale(
+                matrix,
+                ops.reshape(a, (-1, r)),
+                ops.reshape(b, (r, -1)),
+                magnitude,
+            )
+
+    @property
+    def has_residual(self):
+        """True for PiSSA/OLoRA adapters: the base weights hold the
+        residual `W - s * A0 @ B0` (`init_from_base`)."""
+        return getattr(self, "lora_init", "default") in RESIDUAL_INITS
+
+    def init_from_base(self):
+        """Starts each adapter pair from its base weight (PiSSA or OLoRA,
+        `keras_lora.layers.inits`) and gives the layer the residual.
+
+        The residual is a new variable (same name, dtype and layout path as
+        the base weight, frozen) that replaces the base weight in this layer
+        only: a shared base variable (`from_layer`, `apply_lora`'s clone)
+        keeps its value, so the given model is not changed. It costs one
+        copy of each adapted base weight. The initial factors are kept as
+        frozen float32 `initial_<name>` variables, so `unload` gives back
+        `residual + s * A0 @ B0` and adapter files hold the plain LoRA update
+        against the original weights (`plain_lora_state`).
+        """
+        for a_name, b_name, a_shape, b_shape in self.lora_shapes():
+            base = adapted_weight(self, a_name)
+            shape = tuple(base.shape)
+            groups = self.adapter_axis_groups(shape, len(a_shape))
+            matrix = inits.matrix_view(
+                ops.convert_to_numpy(base.value), *groups
+            )
+            a0, b0, residual = inits.factor_matrix(
+                self.lora_init, matrix, self.adapter_rank, self.scaling
+            )
+            for name, factor_shape, value in (
+                (a_name, a_shape, a0),
+                (b_name, b_shape, b0),
+            ):
+                value = np.reshape(value, factor_shape)
+                getattr(self, name).assign(value)
+                initial = self.add_weight(
+                    name=INITIAL_PREFIX + name,
+                    shape=factor_shape,
+                    initializer="zeros",
+                    dtype="float32",
+                    trainable=False,
+                )
+                initial.assign(value)
+                setattr(self, INITIAL_PREFIX + name, initial)
+            new = keras.Variable(
+                initializer=ops.cast(
+                    inits.from_matrix(residual, shape, *groups), base.dtype
+                ),
+                dtype=base.dtype,
+                trainable=False,
+                aggregation=base.aggregation,
+                synchronization=base.synchronization,
+                name=base.name,
+            )
+            _keras_private.replace_variables(self, {id(base): new})
+
+    def initial_weights(self):
+        """The frozen initial factors of a PiSSA/OLoRA adapter by name
+        (`initial_lora_a`, ...); empty for other inits."""
+        if not self.has_residual:
+            return {}
+        return {
+            INITIAL_PREFIX + n: getattr(self, INITIAL_PREFIX + n)
+            for n in self.pair_names()
+        }
 
     def build_adapters(self):
         """Creates the float32 adapter pairs; call at the end of `build`."""
         for a_name, b_name, a_shape, b_shape in self.lora_shapes():
             d_in = math.prod(a_shape[:-1])
             d_out = math.prod(b_shape[1:])
-            if self.adapter_rank > min(d_in, d_out):
+            if self.adapter_rank > min(d_in, d_out) and not self.has_residual:
+                # (PiSSA / OLoRA refuse it in `init_from_base`.)
                 warnings.warn(
                     f"Layer '{self.name}': rank={self.adapter_rank} is larger "
                     f"than min(d_in={d_in}, d_out={d_out}); the adapter has "
@@ -239,6 +414,15 @@ class LoRALayer:
     def lora_shapes(self):
         """Returns `[(a_name, b_name, a_shape, b_shape), ...]`."""
         raise NotImplementedError
+
+    @classmethod
+    def adapted_dims(cls, layer):
+        """`[(d_in, d_out), ...]`: the matrix each adapter pair of `cls`
+        factors, in `lora_shapes` order, read off a built plain layer
+        `layer` (before it is converted; `apply_lora` checks PiSSA/OLoRA
+        ranks with it). By default the kernel's last axis is `d_out`."""
+        shape = tuple(layer.kernel.shape)
+        return [(math.prod(shape[:-1]), shape[-1])]
 
     def weight_deltas(self):
         """Returns `{base_weight_name: float32 s * A @ B in its shape}`."""
@@ -352,6 +536,52 @@ class LoRALayer:
             "layer class must define `branch`."
         )
 
+    def apply_adapter(
+        self, outputs, inputs, training=None, pair=MAIN_PAIR, branch=None
+    ):
+        """The adapted output: `outputs` (the base product, before bias)
+        plus the update of adapter `pair` (`adapter_delta`), rescaled per
+        output unit by DoRA's `m / ||W + s * A @ B||` on a `use_dora`
+        layer; `outputs` itself while merged in place."""
+        delta = self.adapter_delta(inputs, training, pair, branch)
+        if delta is None:
+            return outputs
+        outputs = ops.add(outputs, delta)
+        scale = self.dora_output_scale(pair)
+        if scale is None:
+            return outputs
+        return self.scale_units(outputs, *scale, pair=pair)
+
+    def dora_output_scale(self, pair=MAIN_PAIR):
+        """`(scale, per_example)` of DoRA's factor for adapter `pair`:
+        `(d_out,)` for the active adapter, `(batch, d_out)` in a mixed
+        batch (`per_example=True`); `None` without DoRA or while merged."""
+        if not self.use_dora:
+            return None
+        if self.adapter_bank is not None:
+            mixed = self.adapter_bank.mixed_scale(self, pair)
+            if mixed is not None:
+                return mixed, True
+        if not self.lora_active():
+            return None
+        a_name, b_name = pair
+        with _keras_private.no_autocast():
+            a = getattr(self, a_name).value
+            b = ops.multiply(getattr(self, b_name).value, self.scaling)
+            magnitude = getattr(self, magnitude_name(a_name)).value
+            return self.dora_scale(pair, a, b, magnitude), False
+
+    def unit_axis(self, pair=MAIN_PAIR):
+        """The output axis that holds adapter `pair`'s output units: `-1`
+        (a convolution in channels_first overrides it with `1`)."""
+        return -1
+
+    def scale_units(self, outputs, scale, per_example=False, pair=MAIN_PAIR):
+        """`outputs` times a float32 factor per output unit of adapter
+        `pair`: `scale` `(d_out,)`, or `(batch, d_out)` with
+        `per_example`. The units lie along `unit_axis(pair)`."""
+        return scale_axis(outputs, scale, self.unit_axis(pair), per_example)
+
     def adapter_delta(self, inputs, training=None, pair=MAIN_PAIR, branch=None):
         """What `call` adds to the base output for adapter `pair` (its A and
         B names; `branch` computes it, default `self.branch`): the
@@ -372,9 +602,16 @@ class LoRALayer:
         by_name = {w.name: w for w in self.weights}
         return {n: by_name[n] for n in BASE_WEIGHT_NAMES if n in by_name}
 
+    def pair_names(self):
+        """The names of the adapter factors, A then B of each pair."""
+        return [n for pair in self.lora_shapes() for n in pair[:2]]
+
     def adapter_weights(self):
-        """The adapter variables by name (`lora_a`, `lora_b`, ...)."""
-        names = [n for pair in self.lora_shapes() for n in pair[:2]]
+        """The adapter variables by name (`lora_a`, `lora_b`, ..., then the
+        DoRA magnitudes `lora_magnitude`, ... of a `use_dora` layer)."""
+        names = self.pair_names()
+        if getattr(self, "use_dora", False):
+            names += [magnitude_name(s[0]) for s in self.lora_shapes()]
         return {n: getattr(self, n) for n in names}
 
     def merged_values(self):
@@ -385,6 +622,8 @@ class LoRALayer:
         for name, delta in self.weight_deltas().items():
             original = self.original_value(name)
             merged = ops.add(ops.cast(original, "float32"), delta)
+            if self.use_dora:
+                merged = self._dora_merged(name, merged)
             values[name] = ops.cast(merged, base[name].dtype)
             if not bool(ops.all(ops.isfinite(values[name]))):
                 # PEFT's safe_merge, always on: a non-finite weight (a float16
@@ -397,6 +636,20 @@ class LoRALayer:
                 )
         return values
 
+    def _dora_merged(self, name, adapted):
+        """`m * V / ||V||` per output unit of the float32 adapted weight
+        `V = W + s * A @ B` of base weight `name`, in its shape."""
+        for a_name, *_ in self.lora_shapes():
+            if adapted_weight(self, a_name).name != name:
+                continue
+            _, shape, groups = self._base_matrix(a_name)
+            matrix = dora.merged_matrix(
+                dora.matrix_view(adapted, *groups),
+                getattr(self, magnitude_name(a_name)),
+            )
+            return dora.from_matrix(matrix, shape, *groups)
+        return adapted
+
     def original_value(self, name):
         """The base weight `name` without any adapter merged into it."""
         # Only adapted weights are kept by merge_adapter(); others (bias)
@@ -404,6 +657,64 @@ class LoRALayer:
         if self._unmerged_values is not None and name in self._unmerged_values:
             return self._unmerged_values[name]
         return self.base_weights()[name]
+
+    def source_value(self, name):
+        """The base weight `name` as the layer was given it: the original
+        value, or for PiSSA/OLoRA `residual + s * A0 @ B0` (computed in
+        float32, cast once to the weight's dtype; equal to the given weight
+        up to float32 rounding)."""
+        value = self.original_value(name)
+        if not self.has_residual:
+            return value
+        for a_name, b_name, a_shape, _ in self.lora_shapes():
+            base = adapted_weight(self, a_name)
+            if base.name != name:
+                continue
+            shape = tuple(base.shape)
+            a0 = ops.convert_to_numpy(getattr(self, INITIAL_PREFIX + a_name))
+            b0 = ops.convert_to_numpy(getattr(self, INITIAL_PREFIX + b_name))
+            rank = self.adapter_rank
+            delta = inits.from_matrix(
+                self.scaling * (a0.reshape(-1, rank) @ b0.reshape(rank, -1)),
+                shape,
+                *self.adapter_axis_groups(shape, len(a_shape)),
+            )
+            value = ops.cast(
+                ops.add(ops.cast(value, "float32"), delta), base.dtype
+            )
+        return value
+
+    def plain_lora_state(self):
+        """The adapter as a plain LoRA update of the given base weights.
+
+        For PiSSA/OLoRA the trained `(A, B)` changed the original weight by
+        `s * (A @ B - A0 @ B0)`: returned as rank-2r factors `[A, A0]`,
+        `[B; -B0]` with alpha doubled (sqrt(2) x under rsLoRA), so the
+        scaling is the same (PEFT's conversion). Other inits: the adapter
+        as it is.
+
+        Returns:
+            `({variable name: float32 np.ndarray}, rank, alpha)`.
+        """
+        values = {
+            n: ops.convert_to_numpy(v)
+            for n, v in self.adapter_weights().items()
+        }
+        if not self.has_residual:
+            return values, self.adapter_rank, self.adapter_alpha
+        for a_name, b_name, *_ in self.lora_shapes():
+            initial = self.initial_weights()
+            values[a_name], values[b_name] = inits.plain_lora_factors(
+                values[a_name],
+                values[b_name],
+                ops.convert_to_numpy(initial[INITIAL_PREFIX + a_name]),
+                ops.convert_to_numpy(initial[INITIAL_PREFIX + b_name]),
+            )
+        return (
+            values,
+            2 * self.adapter_rank,
+            inits.plain_lora_alpha(self.adapter_alpha, self.use_rslora),
+        )
 
     def base_config(self):
         """The config of the plain Keras layer (no LoRA arguments)."""
@@ -446,7 +757,7 @@ class LoRALayer:
         self._check_built("unload")
         layer = self._new_plain_layer()
         for weight in layer.weights:
-            weight.assign(self.original_value(weight.name))
+            weight.assign(self.source_value(weight.name))
         return layer
 
     def merge_adapter(self):
@@ -471,7 +782,9 @@ class LoRALayer:
     def assign_merged(self, values):
         """Writes precomputed `merged_values()` into the base weights, keeping
         the originals (the second half of `merge_adapter`)."""
-        if self.base_shared:
+        if self.base_shared and not self.has_residual:
+            # (A PiSSA / OLoRA layer's adapted weights are its own residual
+            # variables; only those are written.)
             raise ValueError(
                 f"Layer '{self.name}' shares its base weights with the model "
                 "given to `apply_lora`; merging in place would change that "
@@ -531,8 +844,13 @@ class LoRALayer:
                     self.lora_b_initializer
                 ),
                 "train_bias": self.train_bias,
+                "init": self.lora_init,
+                "use_dora": self.use_dora,
             }
         )
+        if self.lora_init != "default":
+            # The init sets A itself (and B for PiSSA / OLoRA).
+            config["lora_a_initializer"] = None
         return config
 
     def save_own_variables(self, store):
@@ -548,6 +866,8 @@ class LoRALayer:
         for name in self.base_weights():
             store[name] = self.original_value(name)
         for name, variable in self.adapter_weights().items():
+            store[name] = variable
+        for name, variable in self.initial_weights().items():
             store[name] = variable
         bank = self.adapter_bank
         if bank is not None:
@@ -579,7 +899,11 @@ class LoRALayer:
         """Loads what `save_own_variables` wrote; refuses any mismatch."""
         if not self.built:
             return
-        expected = {**self.base_weights(), **self.adapter_weights()}
+        expected = {
+            **self.base_weights(),
+            **self.adapter_weights(),
+            **self.initial_weights(),
+        }
         keys = set(store.keys())
         received = {k for k in keys if not k.startswith("bank.")}
         bank_keys = keys - received
@@ -656,6 +980,8 @@ class LoRALayer:
         lora_a_initializer=None,
         lora_b_initializer=None,
         train_bias=False,
+        init="default",
+        use_dora=False,
     ):
         """Wraps a built Keras layer, sharing (not copying) its variables.
 
@@ -675,6 +1001,10 @@ class LoRALayer:
             lora_b_initializer: as in the constructor; `None` takes the
                 constructor's default.
             train_bias: as in the constructor.
+            init: as in the constructor. With `"pissa"` / `"olora"` the
+                LoRA layer computes with a new residual variable; `layer`'s
+                own weights keep their values.
+            use_dora: as in the constructor.
 
         Returns:
             A built LoRA layer with the same config, name and dtype policy.
@@ -729,6 +1059,8 @@ class LoRALayer:
             dropout=dropout,
             use_rslora=use_rslora,
             train_bias=train_bias,
+            init=init,
+            use_dora=use_dora,
             **{k: v for k, v in initializers.items() if v is not None},
         )
         new.merge_class = type(layer)

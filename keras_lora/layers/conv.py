@@ -7,6 +7,8 @@ them all, written for any number of spatial axes (Keras's `self.rank`: 1, 2
 or 3; the adapter's rank is `adapter_rank`).
 """
 
+import math
+
 import keras
 from keras import ops
 
@@ -75,10 +77,12 @@ class LoRAConvMixin(LoRALayer):
     def call(self, inputs, training=None):
         inputs = self._causal_padded(inputs)
         outputs = self._conv(inputs, self.kernel)
-        delta = self.adapter_delta(inputs, training)
-        if delta is not None:
-            outputs = ops.add(outputs, delta)
+        outputs = self.apply_adapter(outputs, inputs, training)
         return bias_and_activation(self, outputs)
+
+    def unit_axis(self, pair=None):
+        """The channel axis: DoRA's output units are the filters."""
+        return 1 if self.data_format == "channels_first" else -1
 
     def branch(self, inputs, a, b, training=None, adapter_ids=None):
         """`conv(dropout(x), A)` then `sB` as a (grouped) 1x1 convolution.
@@ -144,6 +148,11 @@ class LoRAConvTransposeMixin(LoRAConvMixin):
         a_shape = kernel_shape[:-2] + (kernel_shape[-1], r)
         return [("lora_a", "lora_b", a_shape, (r, self.filters))]
 
+    @classmethod
+    def adapted_dims(cls, layer):
+        shape = tuple(layer.kernel.shape)  # kernel_size + (filters, c)
+        return [(math.prod(shape) // shape[-2], shape[-2])]
+
     def adapter_axis_groups(self, base_shape, a_ndim):
         """A covers the kernel's spatial and input-channel axes, B its
         filters axis; see `LoRALayer.adapter_axis_groups`."""
@@ -200,7 +209,8 @@ class LoRAConv1D(LoRAConvMixin, keras.layers.Conv1D):
     `bias_regularizer`, `activity_regularizer`, `kernel_constraint` and
     `bias_constraint` are as in `keras.layers.Conv1D`; the LoRA arguments
     (`rank`, `alpha`, `dropout`, `use_rslora`, `lora_a_initializer`,
-    `lora_b_initializer`, `train_bias`) are as in `keras_lora.LoRADense`.
+    `lora_b_initializer`, `train_bias`, `init`, `use_dora`) are as in
+    `keras_lora.LoRADense`.
 
     Args:
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
@@ -251,6 +261,8 @@ class LoRAConv1D(LoRAConvMixin, keras.layers.Conv1D):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())
@@ -299,7 +311,8 @@ class LoRAConv2D(LoRAConvMixin, keras.layers.Conv2D):
     `bias_regularizer`, `activity_regularizer`, `kernel_constraint` and
     `bias_constraint` are as in `keras.layers.Conv2D`; the LoRA arguments
     (`rank`, `alpha`, `dropout`, `use_rslora`, `lora_a_initializer`,
-    `lora_b_initializer`, `train_bias`) are as in `keras_lora.LoRADense`.
+    `lora_b_initializer`, `train_bias`, `init`, `use_dora`) are as in
+    `keras_lora.LoRADense`.
 
     Args:
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
@@ -350,6 +363,8 @@ class LoRAConv2D(LoRAConvMixin, keras.layers.Conv2D):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())
@@ -398,7 +413,8 @@ class LoRAConv3D(LoRAConvMixin, keras.layers.Conv3D):
     `bias_regularizer`, `activity_regularizer`, `kernel_constraint` and
     `bias_constraint` are as in `keras.layers.Conv3D`; the LoRA arguments
     (`rank`, `alpha`, `dropout`, `use_rslora`, `lora_a_initializer`,
-    `lora_b_initializer`, `train_bias`) are as in `keras_lora.LoRADense`.
+    `lora_b_initializer`, `train_bias`, `init`, `use_dora`) are as in
+    `keras_lora.LoRADense`.
 
     Args:
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
@@ -450,6 +466,8 @@ class LoRAConv3D(LoRAConvMixin, keras.layers.Conv3D):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())
@@ -499,8 +517,8 @@ class LoRAConv1DTranspose(LoRAConvTransposeMixin, keras.layers.Conv1DTranspose):
     `bias_regularizer`, `activity_regularizer`, `kernel_constraint` and
     `bias_constraint` are as in `keras.layers.Conv1DTranspose`; the LoRA
     arguments (`rank`, `alpha`, `dropout`, `use_rslora`,
-    `lora_a_initializer`, `lora_b_initializer`, `train_bias`) are as in
-    `keras_lora.LoRADense`.
+    `lora_a_initializer`, `lora_b_initializer`, `train_bias`, `init`,
+    `use_dora`) are as in `keras_lora.LoRADense`.
 
     Args:
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
@@ -551,6 +569,8 @@ class LoRAConv1DTranspose(LoRAConvTransposeMixin, keras.layers.Conv1DTranspose):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())
@@ -600,8 +620,8 @@ class LoRAConv2DTranspose(LoRAConvTransposeMixin, keras.layers.Conv2DTranspose):
     `bias_regularizer`, `activity_regularizer`, `kernel_constraint` and
     `bias_constraint` are as in `keras.layers.Conv2DTranspose`; the LoRA
     arguments (`rank`, `alpha`, `dropout`, `use_rslora`,
-    `lora_a_initializer`, `lora_b_initializer`, `train_bias`) are as in
-    `keras_lora.LoRADense`.
+    `lora_a_initializer`, `lora_b_initializer`, `train_bias`, `init`,
+    `use_dora`) are as in `keras_lora.LoRADense`.
 
     Args:
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
@@ -652,6 +672,8 @@ class LoRAConv2DTranspose(LoRAConvTransposeMixin, keras.layers.Conv2DTranspose):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())
@@ -701,8 +723,8 @@ class LoRAConv3DTranspose(LoRAConvTransposeMixin, keras.layers.Conv3DTranspose):
     `bias_regularizer`, `activity_regularizer`, `kernel_constraint` and
     `bias_constraint` are as in `keras.layers.Conv3DTranspose`; the LoRA
     arguments (`rank`, `alpha`, `dropout`, `use_rslora`,
-    `lora_a_initializer`, `lora_b_initializer`, `train_bias`) are as in
-    `keras_lora.LoRADense`.
+    `lora_a_initializer`, `lora_b_initializer`, `train_bias`, `init`,
+    `use_dora`) are as in `keras_lora.LoRADense`.
 
     Args:
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
@@ -754,6 +776,8 @@ class LoRAConv3DTranspose(LoRAConvTransposeMixin, keras.layers.Conv3DTranspose):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())

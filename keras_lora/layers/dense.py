@@ -26,8 +26,8 @@ class LoRADense(LoRALayer, keras.layers.Dense):
     `kernel_constraint` and `bias_constraint` are as in
     `keras.layers.Dense`. The LoRA arguments (`rank`, `alpha`, `dropout`,
     `use_rslora`, `lora_a_initializer`, `lora_b_initializer`,
-    `train_bias`) are keyword-only, validated together as a
-    `keras_lora.layers.config.LoRAConfig`.
+    `train_bias`, `init`, `use_dora`) are keyword-only, validated together
+    as a `keras_lora.layers.config.LoRAConfig`.
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -43,6 +43,21 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         lora_b_initializer: Initializer for B. Defaults to `"zeros"`.
         train_bias: Bool, keep the bias trainable (PEFT's `bias="all"`).
             Defaults to `False`: only A and B train.
+        init: Str, how the adapter starts. `"default"`: A from
+            `lora_a_initializer`, B from `lora_b_initializer`.
+            `"gaussian"`: A ~ N(0, (1/rank)^2), B = 0 (PEFT's
+            `"gaussian"`). `"pissa"` (PiSSA, arXiv:2404.02948: A and B from
+            the top-`rank` singular vectors of the kernel) or `"olora"`
+            (OLoRA, arXiv:2406.01775: from its QR decomposition): the layer
+            then computes with the residual `W - s * A0 @ B0` in a new
+            frozen variable (one kernel copy), so its output at init is the
+            base output up to float32 rounding
+            (`keras_lora.layers.inits`). Defaults to `"default"`.
+        use_dora: Bool, DoRA (Liu et al. 2024, arXiv:2402.09353): the
+            adapted kernel is `m * (W + s * A @ B) / ||W + s * A @ B||`,
+            the norm per output unit over the input axis, with a trainable
+            float32 magnitude `lora_magnitude` (`(units,)`) that starts at
+            `||W||`. Defaults to `False`.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Input shape:
@@ -53,8 +68,10 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     Raises:
         ValueError: `rank` not a positive int (bools refused), `alpha` not a
-            positive number, `dropout` outside [0, 1), or `lora_rank` given.
-        TypeError: `use_rslora` or `train_bias` not a bool.
+            positive number, `dropout` outside [0, 1), `lora_rank` given,
+            `init` unknown or combined with an initializer it replaces, or
+            (`"pissa"`/`"olora"`, at build) `rank > min(input_dim, units)`.
+        TypeError: `use_rslora`, `train_bias` or `use_dora` not a bool.
 
     A rank larger than `min(input_dim, units)` is allowed and warns that it
     gives no compression. Adapters are float32 under every dtype policy.
@@ -91,6 +108,8 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())
@@ -125,10 +144,9 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         ]
 
     def call(self, inputs, training=None):
-        x = ops.matmul(inputs, self.kernel)
-        delta = self.adapter_delta(inputs, training)
-        if delta is not None:
-            x = ops.add(x, delta)
+        x = self.apply_adapter(
+            ops.matmul(inputs, self.kernel), inputs, training
+        )
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:

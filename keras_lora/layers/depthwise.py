@@ -14,6 +14,8 @@ adapts both of its kernels: the depthwise one so, the pointwise one
 kernel.
 """
 
+import math
+
 import keras
 from keras import ops
 
@@ -96,6 +98,13 @@ def depthwise_update(layer, x, a, b, adapter_ids=None):
     return ops.reshape(out, (-1, channels * multiplier) + spatial)
 
 
+def _depthwise_dims(kernel_shape):
+    """`(d_in, d_out)` of a depthwise kernel `kernel_size + (c, m)`:
+    `(prod(kernel_size), c * m)`."""
+    shape = tuple(kernel_shape)
+    return math.prod(shape[:-2]), shape[-2] * shape[-1]
+
+
 def _depthwise_shapes(kernel_shape, r):
     """A and B shapes for a depthwise kernel `kernel_size + (c, m)`."""
     return kernel_shape[:-2] + (r,), (r,) + kernel_shape[-2:]
@@ -114,6 +123,10 @@ class LoRADepthwiseConvMixin(LoRALayer):
         a_shape, b_shape = _depthwise_shapes(kernel_shape, self.adapter_rank)
         return [("lora_a", "lora_b", a_shape, b_shape)]
 
+    @classmethod
+    def adapted_dims(cls, layer):
+        return [_depthwise_dims(layer.kernel.shape)]
+
     def call(self, inputs, training=None):
         outputs = ops.depthwise_conv(
             inputs,
@@ -123,10 +136,13 @@ class LoRADepthwiseConvMixin(LoRALayer):
             dilation_rate=self.dilation_rate,
             data_format=self.data_format,
         )
-        delta = self.adapter_delta(inputs, training)
-        if delta is not None:
-            outputs = ops.add(outputs, delta)
+        outputs = self.apply_adapter(outputs, inputs, training)
         return bias_and_activation(self, outputs)
+
+    def unit_axis(self, pair=None):
+        """The channel axis: DoRA's output units are the
+        `channels * depth_multiplier` output channels."""
+        return 1 if self.data_format == "channels_first" else -1
 
     def branch(self, inputs, a, b, training=None, adapter_ids=None):
         """`depthwise_conv(dropout(x), A)` into `rank` channels per input
@@ -147,6 +163,14 @@ class LoRASeparableConvMixin(LoRALayer):
     def build(self, input_shape):
         super().build(input_shape)
         self.build_lora()
+
+    @classmethod
+    def adapted_dims(cls, layer):
+        pointwise = tuple(layer.pointwise_kernel.shape)
+        return [
+            (math.prod(pointwise[:-1]), pointwise[-1]),
+            _depthwise_dims(layer.depthwise_kernel.shape),
+        ]
 
     def lora_shapes(self):
         base = self.base_weights()
@@ -186,6 +210,9 @@ class LoRASeparableConvMixin(LoRALayer):
                 data_format=self.data_format,
             )
             hidden = ops.add(hidden, depthwise_delta)
+            scale = self.dora_output_scale(DEPTHWISE_PAIR)
+            if scale is not None:
+                hidden = self.scale_units(hidden, *scale, pair=DEPTHWISE_PAIR)
             outputs = ops.conv(
                 hidden,
                 self.pointwise_kernel,
@@ -193,8 +220,12 @@ class LoRASeparableConvMixin(LoRALayer):
                 padding="valid",
                 data_format=self.data_format,
             )
-            outputs = ops.add(outputs, self.adapter_delta(hidden, training))
+            outputs = self.apply_adapter(outputs, hidden, training)
         return bias_and_activation(self, outputs)
+
+    def unit_axis(self, pair=None):
+        """The channel axis, for both kernels' DoRA output units."""
+        return 1 if self.data_format == "channels_first" else -1
 
     def depthwise_branch(self, inputs, a, b, training=None, adapter_ids=None):
         """The depthwise kernel's update (`branch`'s arguments, for
@@ -261,8 +292,8 @@ _DEPTHWISE_DOC = """
     `bias_regularizer`, `activity_regularizer`, `depthwise_constraint` and
     `bias_constraint` are as in `keras.layers.{base}`; the LoRA
     arguments (`rank`, `alpha`, `dropout`, `use_rslora`,
-    `lora_a_initializer`, `lora_b_initializer`, `train_bias`) are as in
-    `keras_lora.LoRADense`.
+    `lora_a_initializer`, `lora_b_initializer`, `train_bias`, `init`,
+    `use_dora`) are as in `keras_lora.LoRADense`.
 
     Args:
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
@@ -294,8 +325,9 @@ _SEPARABLE_DOC = """
     `pointwise_constraint` and `bias_constraint` are as in
     `keras.layers.{base}`; the LoRA arguments (`rank`, `alpha`,
     `dropout`, `use_rslora`, `lora_a_initializer`, `lora_b_initializer`,
-    `train_bias`) are as in `keras_lora.LoRADense`; `rank` and `alpha`
-    apply to both kernels.
+    `train_bias`, `init`, `use_dora`) are as in `keras_lora.LoRADense`;
+    `rank` and `alpha` apply to both kernels (and `use_dora`: each kernel
+    has its magnitude).
 
     Args:
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
@@ -354,6 +386,8 @@ class LoRADepthwiseConv1D(LoRADepthwiseConvMixin, keras.layers.DepthwiseConv1D):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())
@@ -431,6 +465,8 @@ class LoRADepthwiseConv2D(LoRADepthwiseConvMixin, keras.layers.DepthwiseConv2D):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())
@@ -511,6 +547,8 @@ class LoRASeparableConv1D(LoRASeparableConvMixin, keras.layers.SeparableConv1D):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())
@@ -595,6 +633,8 @@ class LoRASeparableConv2D(LoRASeparableConvMixin, keras.layers.SeparableConv2D):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())

@@ -110,7 +110,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     `activity_regularizer`, `kernel_constraint` and `bias_constraint` are
     as in `keras.layers.EinsumDense`; the LoRA arguments (`rank`, `alpha`,
     `dropout`, `use_rslora`, `lora_a_initializer`, `lora_b_initializer`,
-    `train_bias`) are as in `keras_lora.LoRADense`.
+    `train_bias`, `init`, `use_dora`) are as in `keras_lora.LoRADense`.
 
     Args:
         equation: str, as in `keras.layers.EinsumDense`. Kernels with an axis
@@ -156,6 +156,8 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())
@@ -194,7 +196,18 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         self.out_dims = tuple(shape[c] for c in self.out_axes)
         order = self.in_axes + self.out_axes
         self.kernel_permutation = tuple(order.index(c) for c in kernel_spec)
-        self.build_adapters()
+        super().build_lora()
+
+    @classmethod
+    def adapted_dims(cls, layer):
+        f = factor_equation(layer.equation)
+        shape = dict(zip(f.kernel, layer.kernel.shape, strict=True))
+        return [
+            (
+                math.prod(shape[c] for c in f.in_axes),
+                math.prod(shape[c] for c in f.out_axes),
+            )
+        ]
 
     def adapter_axis_groups(self, base_shape, a_ndim):
         """A covers the kernel's contracted axes, B its output axes (each
@@ -218,9 +231,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
 
     def call(self, inputs, training=None):
         x = ops.einsum(self.equation, inputs, self.kernel)
-        delta = self.adapter_delta(inputs, training)
-        if delta is not None:
-            x = ops.add(x, delta)
+        x = self.apply_adapter(x, inputs, training)
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:
@@ -272,6 +283,21 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         return ops.einsum(
             f"{f.hidden},{batch}{f.free}{out_axes}->{f.outputs}", h, b
         )
+
+    def scale_units(self, outputs, scale, per_example=False, pair=None):
+        """DoRA's factor per output unit (the kernel's output axes, which
+        the equation places anywhere in the output), by one einsum."""
+        f = self.factored
+        out_axes = "".join(f.out_axes)
+        scale = ops.cast(scale, outputs.dtype)
+        if per_example:
+            batch = f.inputs[0]
+            scale = ops.reshape(scale, (-1,) + self.out_dims)
+            spec = f"{f.outputs},{batch}{out_axes}->{f.outputs}"
+        else:
+            scale = ops.reshape(scale, self.out_dims)
+            spec = f"{f.outputs},{out_axes}->{f.outputs}"
+        return ops.einsum(spec, outputs, scale)
 
     def weight_deltas(self):
         delta = ops.matmul(self.lora_a, self.lora_b)

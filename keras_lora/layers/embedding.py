@@ -28,6 +28,8 @@ class _EmbeddingLoRA(LoRALayer):
         lora_a_initializer=None,
         lora_b_initializer="zeros",
         train_bias=False,
+        init="default",
+        use_dora=False,
         **kwargs,
     ):
         lora = layer_config(locals())
@@ -74,15 +76,19 @@ class _EmbeddingLoRA(LoRALayer):
         r = self.adapter_rank
         return [("lora_a", "lora_b", (self.input_dim, r), (r, self.output_dim))]
 
+    @classmethod
+    def adapted_dims(cls, layer):
+        dims = [(layer.input_dim, layer.output_dim)]
+        if not getattr(layer, "tie_weights", True):
+            dims.append((layer.output_dim, layer.input_dim))
+        return dims
+
     def embed(self, inputs, training):
         if inputs.dtype != "int32" and inputs.dtype != "int64":
             inputs = ops.cast(inputs, "int32")
         outputs = ops.take(self.embeddings, inputs, axis=0)
         outputs = ops.cast(outputs, self.compute_dtype)
-        delta = self.adapter_delta(inputs, training)
-        if delta is not None:
-            outputs = ops.add(outputs, delta)
-        return outputs
+        return self.apply_adapter(outputs, inputs, training)
 
     def branch(self, inputs, a, b, training=None, adapter_ids=None):
         """`A[ids] @ sB`: the adapter's rows for the looked-up tokens.
@@ -138,7 +144,8 @@ _EMBEDDING_DOC = """
     Args:
         input_dim, output_dim, embeddings_initializer, embeddings_regularizer,
             embeddings_constraint, mask_zero: as in the Keras base layer.
-        rank, alpha, dropout, use_rslora, train_bias: as in
+        rank, alpha, dropout, use_rslora, train_bias, init, use_dora: as
+            in
             `keras_lora.LoRADense`.
         lora_a_initializer: Initializer for A, or `None` (default) for the
             class's `default_lora_a_initializer`, `"normal"`.
@@ -229,12 +236,26 @@ class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
         if self.reverse_dtype is not None:
             x = ops.cast(x, self.reverse_dtype)
             kernel = ops.cast(kernel, self.reverse_dtype)
-        logits = ops.matmul(x, kernel)
-        delta = self.adapter_delta(
-            x, training, self.reverse_pair(), self.reverse_branch
-        )
-        if delta is not None:
-            logits = ops.add(logits, delta)
+        if self.tie_weights:
+            # DoRA scales the table's columns, the reverse projection's
+            # input features: logits = (x * g) @ (E + s * A @ B)^T.
+            scale = self.dora_output_scale()
+            if scale is not None:
+                x = self.scale_units(x, *scale)
+            logits = ops.matmul(x, kernel)
+            delta = self.adapter_delta(
+                x, training, self.reverse_pair(), self.reverse_branch
+            )
+            if delta is not None:
+                logits = ops.add(logits, delta)
+        else:
+            logits = self.apply_adapter(
+                ops.matmul(x, kernel),
+                x,
+                training,
+                self.reverse_pair(),
+                self.reverse_branch,
+            )
         if self.logit_soft_cap is not None:
             cap = self.logit_soft_cap
             logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)

@@ -13,6 +13,7 @@ import math
 import keras
 
 from keras_lora import _keras_private
+from keras_lora.layers.config import magnitude_name
 
 __all__ = [
     "adapted_weight",
@@ -140,9 +141,10 @@ def adapter_layout(layer, adapter_name, base_layout=None):
     Returns:
         A `TensorLayout` on the base layout's mesh (a `NamedSharding` if the
         base layout is one): A is sharded like the base weight's input axes,
-        B like its output axes, the rank axis and any axis whose size does
-        not divide the mesh axis size are replicated. `None` if the name is
-        not one of the layer's adapters or no base layout is known.
+        B (and a DoRA magnitude) like its output axes, the rank axis and
+        any axis whose size does not divide the mesh axis size are
+        replicated. `None` if the name is not one of the layer's adapters or
+        no base layout is known.
 
     Examples:
         ```python
@@ -158,6 +160,8 @@ def adapter_layout(layer, adapter_name, base_layout=None):
     for a_name, b_name, a_shape, b_shape in layer.lora_shapes():
         shapes[a_name] = (a_name, a_shape, b_shape, True)
         shapes[b_name] = (a_name, a_shape, b_shape, False)
+        # A DoRA magnitude: B's output axes, without the rank axis.
+        shapes[magnitude_name(a_name)] = (a_name, a_shape, b_shape, None)
     if adapter_name not in shapes:
         return None
     a_name, a_shape, b_shape, is_a = shapes[adapter_name]
@@ -173,6 +177,15 @@ def adapter_layout(layer, adapter_name, base_layout=None):
     sizes = _mesh_axis_sizes(base_layout)
     base_axes = _layout_axes(base_layout, len(base_shape))
     groups = _checked_groups(layer, base_shape, a_shape, b_shape)
+    if is_a is None:
+        axes = (None,) * (len(own_shape) - 1)
+        if sizes is not None and base_axes is not None and groups:
+            axes = tuple(
+                derive_adapter_axes(
+                    base_axes, base_shape, groups[1], own_shape[1:], sizes
+                )
+            )
+        return _make_layout(base_layout, axes)
     if sizes is None or base_axes is None or groups is None:
         axes = (None,) * len(own_shape)
     elif is_a:
@@ -224,7 +237,9 @@ def _base_strategy(layer, name):
 
     if tf.distribute.has_strategy():
         return None
-    if name not in {n for pair in layer.lora_shapes() for n in pair[:2]}:
+    names = {n for pair in layer.lora_shapes() for n in pair[:2]}
+    names |= {magnitude_name(pair[0]) for pair in layer.lora_shapes()}
+    if name not in names:
         return None
     base = adapted_weight(layer, name)
     if base is None:
