@@ -23,6 +23,7 @@ from keras_lora.layers import LoRALayer
 from keras_lora.layers import LoRAReversibleEmbedding
 from keras_lora.layers import LoRASeparableConv1D
 from keras_lora.layers import LoRASeparableConv2D
+from keras_lora.merge import QuantizedMergeWarning
 from keras_lora.merge import merge
 from keras_lora.merge import merge_adapters
 from keras_lora.merge import unload
@@ -51,6 +52,7 @@ __all__ = [
     "LoRAEmbedding",
     "LoRALayer",
     "LoRAReversibleEmbedding",
+    "QuantizedMergeWarning",
     "__version__",
     "apply_lora",
     "export_saved_model",

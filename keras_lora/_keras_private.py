@@ -17,6 +17,93 @@ from keras.src.backend import set_keras_mask  # noqa: F401
 from keras.src.backend.common.name_scope import current_path  # noqa: F401
 
 
+@contextlib.contextmanager
+def base_product_only(layer):
+    """Runs a quantized layer's own `_int8_call` / `_int4_call` without its
+    bias, activation and logit soft cap (set aside without Keras's variable
+    tracking seeing it), so the caller adds the adapter before them."""
+    saved = {}
+    for name in ("bias", "activation", "logit_soft_cap"):
+        if name in layer.__dict__:
+            saved[name] = layer.__dict__[name]
+            object.__setattr__(layer, name, None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            object.__setattr__(layer, name, value)
+
+
+def int4_block_size(layer):
+    """An int4 layer's group size (`None` for one scale per output unit)."""
+    size = getattr(layer, "_int4_block_size", None)
+    return None if size is None or size == -1 else size
+
+
+def int4_column_size(layer):
+    """The unpacked column count of an int4 `EinsumDense` kernel."""
+    return layer._int4_unpacked_column_size
+
+
+def source_policy_name(policy):
+    """The float policy a quantized dtype policy was made from. (Keras
+    3.15's `DTypePolicyMap.get_config` sets `_source_name` to `None` on
+    the live policies it serializes; their dtypes still say it.)"""
+    if policy._source_name is not None:
+        return policy._source_name
+    compute, variable = policy.compute_dtype, policy.variable_dtype
+    return variable if compute == variable else f"mixed_{compute}"
+
+
+def einsum_dequant_scale(layer, scale):
+    """An int8 `EinsumDense` kernel scale laid out to divide the kernel
+    (Keras's `_adjust_scale_for_dequant`)."""
+    return layer._adjust_scale_for_dequant(scale)
+
+
+def dequantize_grouped(values, scale, zero, g_idx, group_axis):
+    """Keras's grouped int4 dequantization with zero points."""
+    from keras.src.quantizers.quantizers import dequantize_with_sz_map
+
+    return dequantize_with_sz_map(values, scale, zero, g_idx, group_axis)
+
+
+def pin_quantized_policies(layers):
+    """Gives each quantized layer that reads its policy from a
+    `DTypePolicyMap` (a keras-hub model rebuilt from its config) that policy
+    as its own, as `model.quantize` left it.
+
+    Keras 3.15's `Embedding._get_embeddings_with_merged_lora` (and the
+    kernel twins) read `layer.dtype_policy.quantization_mode`, which for a
+    map is the map's default (float), while `save_own_variables` reads the
+    layer's mode by path (int8): saving such a model stores `None` scales
+    and fails ("Invalid dtype: object"), in plain Keras too.
+    """
+    from keras.src.dtype_policies.dtype_policy_map import DTypePolicyMap
+
+    for layer in layers:
+        policy = getattr(layer, "_dtype_policy", None)
+        if not isinstance(policy, DTypePolicyMap) or not layer.path:
+            continue
+        own = policy[layer.path]
+        if getattr(own, "quantization_mode", None) is not None:
+            layer._dtype_policy = own
+
+
+def raw_value(variable):
+    """A variable's value as a backend tensor in the variable's own dtype
+    (not autocast to a layer's compute dtype). On TensorFlow, Keras's
+    `variable.value` is the `tf.Variable` itself; it is read here, so the
+    result is a tensor."""
+    with no_autocast():
+        value = variable.value
+    if type(value).__module__.startswith("tensorflow"):
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(value)
+    return value
+
+
 def no_autocast():
     """A scope in which float variables read as their own dtype, not the
     layer's compute dtype (Keras's `AutocastScope(None)`): DoRA reads its
@@ -38,6 +125,33 @@ def unlocked(layer):
     finally:
         if was_locked:
             tracker.lock()
+
+
+def rewrap_quantize(layer):
+    """Re-binds `layer.quantize` to its (new) class's method inside Keras's
+    `quantize_wrapper` (config resolution, argument checks, tracker
+    unlocked), which `Layer.__new__` bound to the class the layer was
+    created with: needed after `layer.__class__` is changed."""
+    import functools
+
+    from keras.src.quantizers.quantization_config import (
+        validate_and_resolve_config,
+    )
+
+    method = type(layer).quantize.__get__(layer)
+
+    @functools.wraps(method)
+    def quantize_wrapper(mode=None, config=None, **kwargs):
+        config = validate_and_resolve_config(mode, config)
+        mode = config.mode
+        layer._check_quantize_args(mode, layer.compute_dtype)
+        layer._tracker.unlock()
+        try:
+            method(mode=mode, config=config, **kwargs)
+        finally:
+            layer._tracker.lock()
+
+    object.__setattr__(layer, "quantize", quantize_wrapper)
 
 
 def refresh_call_signature(layer):

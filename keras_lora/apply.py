@@ -22,6 +22,7 @@ from keras_lora.convert import lora_class_for
 from keras_lora.layers import LoRADense
 from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRALayer
+from keras_lora.layers import quantized
 from keras_lora.layers.config import RESIDUAL_INITS
 from keras_lora.layers.config import LoRAConfig
 from keras_lora.layers.conv import LoRAConvMixin
@@ -427,11 +428,7 @@ def _select(model, layers, stable, targets, exclude):
             f"be adapted: {[p for p, _ in adaptable]}"
         )
     for path, layer in selected:
-        if getattr(layer, "quantization_mode", None):
-            raise ValueError(
-                f"Layer {path!r} is quantized (quantization_mode="
-                f"{layer.quantization_mode!r}); LoRA needs a float kernel."
-            )
+        quantized.check_supported(layer, f"Layer {path!r}")
         if getattr(layer, "lora_enabled", False):
             raise ValueError(
                 f"Layer {path!r} has Keras's built-in LoRA enabled "
@@ -658,6 +655,18 @@ def apply_lora(
         if (layer_rank, layer_alpha) != (rank, alpha):
             layer_config = config.replace(rank=layer_rank, alpha=layer_alpha)
         plan[path] = (lora_class_for(layer), layer_config)
+    if config.use_dora or config.init in RESIDUAL_INITS:
+        on_quantized = sorted(
+            p for p in plan if quantized.quantization_mode(selected[p])
+        )
+        if on_quantized:
+            option = "use_dora=True" if config.use_dora else f"init={init!r}"
+            raise ValueError(
+                f"{option} needs float base weights; these target layers are "
+                f"quantized: {on_quantized}. Apply LoRA with {option} before "
+                "quantizing, or use plain LoRA (QLoRA) on the quantized "
+                "model. Nothing was changed."
+            )
     if config.init in RESIDUAL_INITS:
         _check_residual_ranks(plan, selected, config.init)
     if keep is not None:
@@ -705,6 +714,7 @@ def apply_lora(
     if not inplace:
         own_trained_variables(model, walked, kept_layers)
     freeze_base(target, kept_layers, layers=[lay for _, lay in walked])
+    _keras_private.pin_quantized_policies([lay for _, lay in walked])
     for _, layer in walked:
         if isinstance(layer, LoRALayer):
             layer.base_shared = not inplace

@@ -7,7 +7,7 @@ import contextvars
 import numpy as np
 from keras import ops
 
-from keras_lora._keras_private import no_autocast
+from keras_lora._keras_private import raw_value
 from keras_lora.layers import LoRALayer
 from keras_lora.layers.base import INITIAL_PREFIX
 from keras_lora.layers.config import lora_scaling
@@ -126,6 +126,11 @@ class AdapterBank:
             stacks_b.append(ops.cast(b, dtype))
         return ops.stack(stacks_a), ops.stack(stacks_b)
 
+    def in_mixed_batch(self, layer):
+        """Whether `layer` is running a mixed batch now."""
+        state = MIXED.get()
+        return state is not None and id(layer) in state[0]
+
     def mixed_scale(self, layer, pair):
         """DoRA's per-example factor `(batch, d_out)` (float32) of adapter
         `pair` inside `mixed_batch`: each adapter's `m / ||W + s A B||`,
@@ -139,11 +144,11 @@ class AdapterBank:
         for name, entry in self.adapters.items():
             if name == self.active:
                 # The float32 variables, not their compute-dtype casts.
-                with no_autocast():
-                    a = getattr(layer, a_name).value
-                    b = getattr(layer, b_name).value
-                    b = ops.multiply(b, layer.scaling)
-                    m = getattr(layer, m_name).value
+                a = raw_value(getattr(layer, a_name))
+                b = ops.multiply(
+                    raw_value(getattr(layer, b_name)), layer.scaling
+                )
+                m = raw_value(getattr(layer, m_name))
             else:
                 s = lora_scaling(
                     layer.adapter_rank, entry["alpha"], entry["use_rslora"]

@@ -143,10 +143,29 @@ def _all_layers(model, walked):
     return list(seen.values())
 
 
-def _share_structurally(model, clone, values, stand_ins, hint):
+def _rebuild_layer(path, layer, source, values, swaps, problems):
+    """A clone layer whose variables differ from the model layer's (a
+    quantized layer rebuilt in float): the variables named in `values` take
+    those values, the others share the model's variable of the same name
+    and shape."""
+    theirs = {v.name: v for v in _base_variables(source)}
+    for mine in _base_variables(layer):
+        if mine.name in values:
+            mine.assign(values[mine.name])
+            continue
+        other = theirs.get(mine.name)
+        if other is None or tuple(other.shape) != tuple(mine.shape):
+            problems.append(f"{path}/{mine.name}: no such variable to share")
+        elif other is not mine:
+            swaps[id(mine)] = other
+
+
+def _share_structurally(model, clone, values, stand_ins, hint, rebuilt):
     """Makes every clone layer hold the model's variable at the same stable
     path (`keras_lora.walk`), with shape checks; variables in `values` get
-    a new variable of the clone holding the value instead."""
+    a new variable of the clone holding the value instead; layers in
+    `rebuilt` (by id of the model's layer) get their own variables
+    (`_rebuild_layer`)."""
     originals = stable_layer_paths(model)
     copies = stable_layer_paths(clone)
     shared = {id(v) for v in model.weights}
@@ -155,6 +174,11 @@ def _share_structurally(model, clone, values, stand_ins, hint):
     for path, layer in copies.items():
         mine_all = _base_variables(layer)
         source = originals.get(path)
+        if source is not None and id(source) in rebuilt:
+            _rebuild_layer(
+                path, layer, source, rebuilt[id(source)], swaps, problems
+            )
+            continue
         remat = (
             _keras_private.remat_mode(source) if source is not None else None
         )
@@ -215,8 +239,29 @@ def _share_structurally(model, clone, values, stand_ins, hint):
         )
 
 
+def _keep_quantizers(model, clone):
+    """Gives each quantized layer of the clone its original's input
+    quantizer and quantization config, which a keras-hub model's config
+    does not hold: rebuilt from it, Keras 3.15 gives an int4
+    `ReversibleEmbedding` an int8 input quantizer the original (quantized by
+    `model.quantize("int4")`) does not have, and the logits change (a
+    `.keras` save and load of such a model changes them the same way)."""
+    copies = stable_layer_paths(clone)
+    for path, layer in stable_layer_paths(model).items():
+        mine = copies.get(path)
+        if mine is None or getattr(layer, "quantization_mode", None) is None:
+            continue
+        for attr in ("inputs_quantizer", "quantization_config"):
+            if hasattr(layer, attr):
+                object.__setattr__(mine, attr, getattr(layer, attr))
+
+
 def clone_model_sharing_variables(
-    model, values=None, config_transform=None, hint=_DEFAULT_HINT
+    model,
+    values=None,
+    config_transform=None,
+    hint=_DEFAULT_HINT,
+    rebuilt=None,
 ):
     """Returns a new model of `model`'s class that shares its variables.
 
@@ -232,6 +277,11 @@ def clone_model_sharing_variables(
             keras_lora layer configs into their base layer configs).
         hint: str, what the error tells the user to do instead when the
             model cannot be cloned.
+        rebuilt: optional `{id(layer): {variable name: value}}` for layers
+            of `model` whose clone has other variables (`config_transform`
+            changed them, e.g. a quantized layer made float): the clone's
+            variables of those names are new and hold the values, its others
+            share the layer's variables of the same name.
 
     Returns:
         The clone, built and, if `model` was compiled, compiled alike.
@@ -241,7 +291,16 @@ def clone_model_sharing_variables(
             or variable that `model` lacks or has with another shape, e.g. a
             subclassed model whose config does not rebuild it exactly).
     """
-    index = _VariableIndex(model.weights)
+    rebuilt = rebuilt or {}
+    own = {
+        id(v)
+        for layer in _all_layers(model, ())
+        if id(layer) in rebuilt
+        for v in _base_variables(layer)
+        if v.name in rebuilt[id(layer)]
+    }
+    # A rebuilt layer's replaced variables are never proposed to the clone.
+    index = _VariableIndex([v for v in model.weights if id(v) not in own])
     # Building the clone may set flags on the shared variables (a layer's
     # `trainable` setter reaches its variables): restore them afterwards.
     flags = [(v, v.trainable) for v in model.weights]
@@ -269,7 +328,9 @@ def clone_model_sharing_variables(
                 build_config = model.get_build_config()
                 if build_config:
                     clone.build_from_config(build_config)
-        _share_structurally(model, clone, values, stand_ins, hint)
+        _share_structurally(model, clone, values, stand_ins, hint, rebuilt)
+        _keras_private.pin_quantized_policies(_all_layers(clone, ()))
+        _keep_quantizers(model, clone)
     finally:
         for variable, trainable in flags:
             variable.trainable = trainable

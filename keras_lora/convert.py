@@ -74,6 +74,7 @@ def convert_layer(layer, lora_class, config):
             layer.init_lora(config)
             layer.merge_class = original_class
             _keras_private.refresh_call_signature(layer)
+            _keras_private.rewrap_quantize(layer)
             with keras.name_scope(
                 layer.name, caller=layer, override_parent=parent
             ):
@@ -81,6 +82,7 @@ def convert_layer(layer, lora_class, config):
         layer.freeze_base_weights()
     except Exception:
         layer.__class__ = original_class
+        _keras_private.rewrap_quantize(layer)
         raise
     return layer
 

@@ -35,6 +35,7 @@ from keras_lora.merge import merge
 from keras_lora.processes import process_count
 from keras_lora.processes import process_index
 from keras_lora.walk import iter_layers
+from keras_lora.walk import stable_layer_paths
 from keras_lora.walk import to_numpy
 
 #: Names of the adapter variables; none may reach a SavedModel.
@@ -118,11 +119,11 @@ def _all_layers(model):
     return [layer for _, layer in iter_layers(model)]
 
 
-def _merged_model(model):
+def _merged_model(model, dequantize=False):
     """The model with every keras_lora layer merged (`model` if none)."""
     if not any(isinstance(layer, LoRALayer) for layer in _all_layers(model)):
         return model
-    merged = merge(model)
+    merged = merge(model, dequantize=dequantize)
     left = [
         layer.name
         for layer in _all_layers(merged)
@@ -270,6 +271,7 @@ def _worker_main(argv=None):
     model = keras.saving.load_model(
         job["model_file"], compile=False, safe_mode=job["safe_mode"]
     )
+    _restore_input_quantizers(model, job.get("input_quantizers", {}))
     report = _export_in_process(
         model, job["out"], job["spec_tree"], job["check_inputs"]
     )
@@ -277,10 +279,44 @@ def _worker_main(argv=None):
         pickle.dump(report, f)
 
 
+def _input_quantizers(model):
+    """`{stable path: serialized input quantizer or None}` of the model's
+    quantized layers. A `.keras` file does not keep them for the layers of
+    a keras-hub model (Keras 3.15 rebuilds an int4 `ReversibleEmbedding`
+    with an input quantizer its original lacks), so the export subprocess
+    sets them back after loading."""
+    quantizers = {}
+    for path, layer in stable_layer_paths(model).items():
+        if getattr(layer, "quantization_mode", None) is None:
+            continue
+        if not hasattr(layer, "inputs_quantizer"):
+            continue
+        quantizer = layer.inputs_quantizer
+        quantizers[path] = (
+            None if quantizer is None else keras.quantizers.serialize(quantizer)
+        )
+    return quantizers
+
+
+def _restore_input_quantizers(model, quantizers):
+    layers = stable_layer_paths(model)
+    for path, serialized in quantizers.items():
+        layer = layers.get(path)
+        if layer is None:
+            continue
+        quantizer = (
+            None
+            if serialized is None
+            else keras.quantizers.deserialize(serialized)
+        )
+        object.__setattr__(layer, "inputs_quantizer", quantizer)
+
+
 def _export_subprocess(merged, out, spec_tree, check_inputs, workdir, opts):
     model_file = os.path.join(workdir, "merged.keras")
     merged.save(model_file)
     job = {
+        "input_quantizers": _input_quantizers(merged),
         "model_file": model_file,
         "out": out,
         "spec_tree": spec_tree,
@@ -373,6 +409,7 @@ def export_saved_model(
     safe_mode: bool = True,
     timeout: float = 900,
     method: str = "auto",
+    dequantize: bool = False,
 ) -> SavedModelExport:
     """Merges the adapters and writes a TensorFlow SavedModel for serving.
 
@@ -420,6 +457,10 @@ def export_saved_model(
             backend, else in a TensorFlow subprocess), `"subprocess"`
             (always a subprocess, on any backend) or `"in-process"`
             (TensorFlow backend only).
+        dequantize: bool, for a quantized base (QLoRA): `False` (default)
+            exports the merged model in the base's quantization mode (the
+            update re-quantized, see `keras_lora.merge`), `True` a float
+            model with the exact `W_deq + s * A @ B`.
 
     Returns:
         A `SavedModelExport` (path, signature keys, variable names,
@@ -484,7 +525,7 @@ def export_saved_model(
     if check_inputs is not None:
         check_inputs = to_numpy(check_inputs)
         expected = to_numpy(model(check_inputs, training=False))
-    merged = _merged_model(model)
+    merged = _merged_model(model, dequantize)
 
     parent = os.path.dirname(path)
     staging = tempfile.mkdtemp(

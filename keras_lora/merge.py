@@ -1,10 +1,15 @@
 """Model-level merge, unload and in-place merge of LoRA adapters."""
 
+import warnings
+
 import keras
 
 from keras_lora.clone import clone_model_sharing_variables
+from keras_lora.layers import quantized
 from keras_lora.layers.base import LORA_CONFIG_KEYS
+from keras_lora.layers.base import QUANTIZABLE
 from keras_lora.saving import REGISTERED_NAME
+from keras_lora.walk import iter_layers
 from keras_lora.walk import require_lora_layers
 from keras_lora.walk import reset_compiled_functions
 
@@ -63,7 +68,87 @@ def _merged_values(path, layer):
         raise ValueError(f"Cannot merge layer {path!r}: {e}") from None
 
 
-def merge(model: keras.Model) -> keras.Model:
+class QuantizedMergeWarning(UserWarning):
+    """`merge` re-quantized an update into a quantized base: part of it is
+    lost to rounding. The message gives the numbers
+    (`LoRALayer.requantization_report`)."""
+
+
+# Keras's quantized dtype policies, serialized.
+_QUANTIZED_POLICIES = {
+    "QuantizedDTypePolicy",
+    "QuantizedFloat8DTypePolicy",
+    "Int4DTypePolicy",
+    "GPTQDTypePolicy",
+    "AWQDTypePolicy",
+}
+
+
+def _is_quantized_policy(item):
+    return (
+        isinstance(item, dict)
+        and item.get("class_name") in _QUANTIZED_POLICIES
+        and str(item.get("module", "")).startswith("keras")
+    )
+
+
+def _float_configs(serialized):
+    """Rewrites every quantized dtype policy in a serialized model as the
+    float policy it was quantized from (a `DTypePolicyMap` entry without one
+    is dropped, so the map's default applies), and drops the layers'
+    `quantization_config`."""
+    if isinstance(serialized, list):
+        return [_float_configs(item) for item in serialized]
+    if not isinstance(serialized, dict):
+        return serialized
+    if _is_quantized_policy(serialized):
+        return serialized["config"].get("source_name")
+    out = {}
+    for key, value in serialized.items():
+        if key == "quantization_config":
+            continue
+        if key == "policy_map" and isinstance(value, dict):
+            out[key] = {
+                k: _float_configs(v)
+                for k, v in value.items()
+                if not _is_quantized_policy(v)
+                or v["config"].get("source_name") is not None
+            }
+            continue
+        out[key] = _float_configs(value)
+    return out
+
+
+def _dequantized_layers(model, layers):
+    """`{id(layer): {weight name: float32 value}}` for every quantized layer
+    of `model`: `W_deq + s A B` for the adapted weights of keras_lora layers
+    (`layers`, by path), `W_deq` for the others."""
+    lora_ids = {id(layer): path for path, layer in layers.items()}
+    rebuilt = {}
+    for path, layer in iter_layers(model):
+        mode = quantized.quantization_mode(layer)
+        if mode is None or not isinstance(layer, QUANTIZABLE):
+            continue
+        quantized.check_supported(layer, f"Layer {path!r}")
+        names = [
+            n
+            for n in quantized.QUANTIZATION_VARIABLES
+            if n in {w.name for w in layer.weights}
+        ]
+        values = {}
+        if id(layer) in lora_ids:
+            try:
+                values = dict(layer.requantized_merge(dequantize=True)[0])
+            except ValueError as e:
+                raise ValueError(f"Cannot merge layer {path!r}: {e}") from None
+        for name in names:
+            if name not in values:
+                values[name] = quantized.dequantized(layer, name)
+        rebuilt[id(layer)] = values
+    return rebuilt
+
+
+def merge(model: keras.Model, dequantize: bool = False) -> keras.Model:
     """Returns a plain Keras model with every adapter folded into its weights.
 
     Each keras_lora layer becomes its base Keras layer with
@@ -76,14 +161,31 @@ def merge(model: keras.Model) -> keras.Model:
     variables; all other weights are shared with `model` (not copied).
     `model` itself is not changed and can keep training.
 
+    On a quantized base (QLoRA: int8 / int4 layers from Keras's
+    `model.quantize`), `dequantize=False` keeps each layer's quantization:
+    the base weight is dequantized, `s * A @ B` added in float32 and the sum
+    quantized again with Keras's own quantizer, which rounds part of the
+    update away; a `QuantizedMergeWarning` says how much (the largest
+    absolute weight error and the error relative to the update, per layer:
+    `layer.requantization_report()`). `dequantize=True` returns a float
+    model instead: every quantized layer (adapted or not) becomes its float
+    layer, with exactly `W_deq + s * A @ B` where adapted.
+
     Args:
         model: a model returned by `apply_lora` (adapters may have been
             merged in place with `merge_adapters`: the kept originals are
             used, so nothing is added twice).
+        dequantize: bool, for quantized bases: `False` (default) keeps the
+            quantization mode, `True` gives a float model. No effect on a
+            float model.
 
     Returns:
         The merged plain model. Its outputs equal `model`'s (float32
         rounding).
+
+    Warns:
+        QuantizedMergeWarning: an update was re-quantized into a quantized
+            base (`dequantize=False`), with the error it took.
 
     Raises:
         ValueError: if `model` has no keras_lora layers (e.g. it is already
@@ -91,6 +193,7 @@ def merge(model: keras.Model) -> keras.Model:
             or a merged weight would not be finite (inf or NaN, e.g. a
             float16 overflow; PEFT's `safe_merge`, always on), naming the
             layer path; nothing is changed.
+        TypeError: `dequantize` is not a bool.
 
     Examples:
         >>> import keras, keras_lora
@@ -99,17 +202,70 @@ def merge(model: keras.Model) -> keras.Model:
         >>> type(plain.layers[0]).__name__
         'Dense'
     """
+    if not isinstance(dequantize, bool):
+        raise TypeError(
+            f"`dequantize` must be a bool. Received: dequantize={dequantize!r}"
+        )
     layers = require_lora_layers(model, "merge")
+    rebuilt = _dequantized_layers(model, layers) if dequantize else {}
     values = {}
+    reports = {}
     for path, layer in layers.items():
+        if id(layer) in rebuilt:
+            continue
         base = layer.base_weights()
-        for name, value in _merged_values(path, layer).items():
+        if quantized.quantization_mode(layer) is not None:
+            try:
+                merged, report = layer.requantized_merge()
+            except ValueError as e:
+                raise ValueError(f"Cannot merge layer {path!r}: {e}") from None
+            if any(r["update_relative_error"] for r in report.values()):
+                reports[path] = report
+        else:
+            merged = _merged_values(path, layer)
+        for name, value in merged.items():
             values[id(base[name])] = value
-    return clone_model_sharing_variables(
+    transform = _plain_configs
+    if rebuilt:
+
+        def transform(serialized):
+            return _float_configs(_plain_configs(serialized))
+
+    merged_model = clone_model_sharing_variables(
         model,
         values=values,
-        config_transform=_plain_configs,
+        config_transform=transform,
         hint=_IN_PLACE_HINT,
+        rebuilt=rebuilt,
+    )
+    if reports:
+        _warn_requantization(reports)
+    return merged_model
+
+
+def _warn_requantization(reports):
+    rows = [
+        (path, name, r)
+        for path, report in reports.items()
+        for name, r in report.items()
+    ]
+    worst = max(rows, key=lambda row: row[2]["update_relative_error"])
+    listed = "; ".join(
+        f"{p} {n}: max |error| {r['max_abs_weight_error']:.3g}, "
+        f"{r['update_relative_error']:.1%} of the update"
+        for p, n, r in rows[:8]
+    )
+    warnings.warn(
+        QuantizedMergeWarning(
+            f"Merged {len(rows)} adapted weight(s) into their quantized "
+            f"base and quantized them again; the rounding changes the update "
+            f"by up to {worst[2]['update_relative_error']:.1%} of its norm "
+            f"({worst[0]} {worst[1]}). {listed}"
+            + (" ..." if len(rows) > 8 else "")
+            + ". For the exact W_deq + s A B, merge with dequantize=True "
+            "(a float model)."
+        ),
+        stacklevel=3,
     )
 
 

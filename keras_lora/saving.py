@@ -165,6 +165,7 @@ def restore_plan(model, plan):
         convert_layer(layer, lora_class, LoRAConfig(**args))
     kept = {id(layers[p]) for p in plan["trainable_layers"] if p in layers}
     freeze_base(model, kept_layers=kept)
+    _keras_private.pin_quantized_policies(layers.values())
 
 
 def _get_config(self):

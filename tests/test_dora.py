@@ -184,8 +184,8 @@ def test_tied_reversible_embedding_scales_the_reverse_input(rng):
 
 def test_dense_numpy_forward_and_gradients_with_a_constant_norm(rng):
     """y = (x W + s (x A) B) * m / ||W + s A B||, and one SGD(1) step on
-    sum(R * y) moves A, B and m by the gradients NumPy computes with the
-    norm held constant (section 4.3); the base stays bit-identical."""
+    0.5 ||y - t||^2 moves A, B and m by the gradients NumPy computes with
+    the norm held constant (section 4.3); the base stays bit-identical."""
     x = rng.normal(size=(4, 5)).astype("float32")
     target = rng.normal(size=(4, 3)).astype("float32")
     inputs = keras.Input((5,))
@@ -198,15 +198,16 @@ def test_dense_numpy_forward_and_gradients_with_a_constant_norm(rng):
     v = w + s * a @ b
     norm = np.linalg.norm(v, axis=0)
     g = m / norm
-    assert_close(np_(model(x)), (x @ w + s * (x @ a) @ b) * g + bias)
+    y = (x @ w + s * (x @ a) @ b) * g + bias
+    assert_close(np_(model(x)), y)
 
     def loss(y_true, y_pred):
-        return ops.sum(ops.multiply(y_true, y_pred), axis=-1)
+        return ops.sum(ops.square(y_pred - y_true), axis=-1) / 2
 
     model.compile(optimizer=keras.optimizers.SGD(1.0), loss=loss)
     model.train_on_batch(x, target)
-    # Keras averages the per-example losses: gradients of mean(R * y).
-    r = target / len(x)
+    # Keras averages the per-example losses: dL/dy = (y - t) / batch.
+    r = (y - target) / len(x)
     grad_b = s * (x @ a).T @ (r * g)
     grad_a = s * x.T @ ((r * g) @ b.T)
     grad_m = np.sum(r * (x @ v), axis=0) / norm

@@ -18,6 +18,7 @@ from keras import ops
 from keras_lora import _keras_private
 from keras_lora.layers import dora
 from keras_lora.layers import inits
+from keras_lora.layers import quantized
 from keras_lora.layers.config import RESIDUAL_INITS
 from keras_lora.layers.config import lora_scaling
 from keras_lora.layers.config import magnitude_name
@@ -32,6 +33,14 @@ BASE_WEIGHT_NAMES = (
     "bias",
     "embeddings",
     "reverse_embeddings",
+    # What Keras's int8 / int4 quantization keeps next to them.
+    "kernel_scale",
+    "kernel_zero",
+    "g_idx",
+    "embeddings_scale",
+    "embeddings_zero",
+    "reverse_embeddings_scale",
+    "reverse_embeddings_zero",
 )
 
 #: The adapter pair of a layer's main adapted weight.
@@ -53,6 +62,15 @@ LORA_CONFIG_KEYS = (
 #: Prefix of the frozen copies of a PiSSA/OLoRA adapter's initial factors
 #: (`initial_lora_a`, ...), kept to undo the residual exactly as trained.
 INITIAL_PREFIX = "initial_"
+
+
+#: The Keras layer kinds `model.quantize` quantizes (ReversibleEmbedding is
+#: an Embedding).
+QUANTIZABLE = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    keras.layers.Embedding,
+)
 
 
 def format_docstring(**parts):
@@ -251,6 +269,21 @@ class LoRALayer:
         """Sets up the adapter on a built base layer: derived shapes (where a
         layer has any) and the adapter variables. Called by `build`, and by
         `apply_lora` on layers it converts in place."""
+        mode = quantized.quantization_mode(self)
+        if mode is not None:
+            quantized.check_supported(self, f"Layer '{self.name}'")
+            if self.use_dora or self.has_residual:
+                option = (
+                    "use_dora=True"
+                    if self.use_dora
+                    else (f"init={self.lora_init!r}")
+                )
+                raise ValueError(
+                    f"Layer '{self.name}' is quantized (quantization_mode="
+                    f"{mode!r}); {option} needs the float base weight. Apply "
+                    "LoRA with it before quantizing, or use plain LoRA "
+                    "(QLoRA) on the quantized base."
+                )
         self.build_adapters()
         if self.has_residual:
             self.init_from_base()
@@ -283,7 +316,8 @@ class LoRALayer:
         base = adapted_weight(self, a_name)
         shape = tuple(base.shape)
         groups = self.adapter_axis_groups(shape, len(a_shape))
-        return dora.matrix_view(base.value, *groups), shape, groups
+        value = _keras_private.raw_value(base)
+        return dora.matrix_view(value, *groups), shape, groups
 
     def adapter_norms(self, pair=None, a=None, b=None):
         """`||W + s * A @ B||` per output unit of adapter `pair` (default
@@ -292,8 +326,9 @@ class LoRALayer:
         a_name, b_name = pair or MAIN_PAIR
         with _keras_private.no_autocast():
             if a is None:
-                a = getattr(self, a_name).value
-                b = ops.multiply(getattr(self, b_name).value, self.scaling)
+                a = _keras_private.raw_value(getattr(self, a_name))
+                b = _keras_private.raw_value(getattr(self, b_name))
+                b = ops.multiply(b, self.scaling)
             matrix, _, _ = self._base_matrix(a_name)
             r = self.adapter_rank
             return dora.adapted_norms(
@@ -306,7 +341,9 @@ class LoRALayer:
         are read at their float32 precision, not the compute dtype)."""
         with _keras_private.no_autocast():
             a, b, magnitude = (
-                t.value if isinstance(t, keras.Variable) else t
+                _keras_private.raw_value(t)
+                if isinstance(t, keras.Variable)
+                else t
                 for t in (a, b, magnitude)
             )
             matrix, _, _ = self._base_matrix(pair[0])
@@ -536,6 +573,25 @@ class LoRALayer:
             "layer class must define `branch`."
         )
 
+    def quantized_call(self, *args, **kwargs):
+        """A quantized base (int8 / int4, Keras's `model.quantize`) runs
+        `call` too: `base_product` computes the quantized product, the
+        adapter adds `s * (x @ A) @ B` in float (QLoRA)."""
+        return self.call(*args, **kwargs)
+
+    def base_product(self, inputs, float_product, **kwargs):
+        """The base layer's product before bias and activation:
+        `float_product()` for a float layer, else Keras's own quantized
+        computation of the layer (`_int8_call` / `_int4_call`, run without
+        bias, activation and logit soft cap, which `call` applies after the
+        adapter). `kwargs` go to the quantized call (`reverse`)."""
+        mode = quantized.quantization_mode(self)
+        if mode is None:
+            return float_product()
+        quantized.check_supported(self, f"Layer '{self.name}'")
+        with _keras_private.base_product_only(self):
+            return getattr(self, f"_{mode}_call")(inputs, **kwargs)
+
     def apply_adapter(
         self, outputs, inputs, training=None, pair=MAIN_PAIR, branch=None
     ):
@@ -543,6 +599,11 @@ class LoRALayer:
         plus the update of adapter `pair` (`adapter_delta`), rescaled per
         output unit by DoRA's `m / ||W + s * A @ B||` on a `use_dora`
         layer; `outputs` itself while merged in place."""
+        branch = branch or self.branch
+        if self.dora_active(pair):
+            factors, scale = self.dora_factors(pair)
+            outputs = ops.add(outputs, branch(inputs, *factors, training))
+            return self.scale_units(outputs, scale, pair=pair)
         delta = self.adapter_delta(inputs, training, pair, branch)
         if delta is None:
             return outputs
@@ -551,6 +612,35 @@ class LoRALayer:
         if scale is None:
             return outputs
         return self.scale_units(outputs, *scale, pair=pair)
+
+    def dora_active(self, pair=MAIN_PAIR):
+        """Whether `call` applies the active DoRA adapter `pair` (a
+        `use_dora` layer, not merged, outside a mixed batch)."""
+        return (
+            self.use_dora
+            and self.lora_active()
+            and (
+                self.adapter_bank is None
+                or not self.adapter_bank.in_mixed_batch(self)
+            )
+        )
+
+    def dora_factors(self, pair=MAIN_PAIR):
+        """`((A, s * B), g)` of the active DoRA adapter `pair`: the factors
+        in the compute dtype for the branch, and the float32 factor
+        `g = m / stop_gradient(||W + s A B||)` per output unit, from one
+        float32 read of each variable. (Reading A and B once for both keeps
+        a compiled TensorFlow train step from computing the norm with
+        values the optimizer already updated.)"""
+        a_name, b_name = pair
+        read = _keras_private.raw_value
+        a = read(getattr(self, a_name))
+        b = ops.multiply(read(getattr(self, b_name)), self.scaling)
+        magnitude = read(getattr(self, magnitude_name(a_name)))
+        with _keras_private.no_autocast():
+            scale = self.dora_scale(pair, a, b, magnitude)
+        dtype = self.compute_dtype
+        return (ops.cast(a, dtype), ops.cast(b, dtype)), scale
 
     def dora_output_scale(self, pair=MAIN_PAIR):
         """`(scale, per_example)` of DoRA's factor for adapter `pair`:
@@ -564,12 +654,7 @@ class LoRALayer:
                 return mixed, True
         if not self.lora_active():
             return None
-        a_name, b_name = pair
-        with _keras_private.no_autocast():
-            a = getattr(self, a_name).value
-            b = ops.multiply(getattr(self, b_name).value, self.scaling)
-            magnitude = getattr(self, magnitude_name(a_name)).value
-            return self.dora_scale(pair, a, b, magnitude), False
+        return self.dora_factors(pair)[1], False
 
     def unit_axis(self, pair=MAIN_PAIR):
         """The output axis that holds adapter `pair`'s output units: `-1`
@@ -617,6 +702,8 @@ class LoRALayer:
     def merged_values(self):
         """`{name: W + s * A @ B}`, computed in float32, cast once to W's
         dtype, for every adapted base weight (others are left out)."""
+        if quantized.quantization_mode(self) is not None:
+            return self.requantized_merge()[0]
         base = self.base_weights()
         values = {}
         for name, delta in self.weight_deltas().items():
@@ -635,6 +722,63 @@ class LoRALayer:
                     "adapter). Nothing was changed."
                 )
         return values
+
+    def requantized_merge(self, dequantize=False):
+        """Merges into a quantized base: dequantize (the original values),
+        add `s * A @ B` in float32, quantize again with Keras's quantizer.
+
+        Returns:
+            `(values, report)`: `values` `{variable name: value}` for the
+            adapted weights and their scales / zero points (with
+            `dequantize`, `{weight name: float32 W_deq + s A B}` instead);
+            `report` `{weight name: {"max_abs_weight_error": float,
+            "update_relative_error": float}}`: how far the re-quantized
+            weight is from `W_deq + s A B`, and that difference relative to
+            the update `s A B` (Frobenius norms).
+        """
+        base = self.base_weights()
+        originals = {n: self.original_value(n) for n in base}
+        values, report = {}, {}
+        for name, delta in self.weight_deltas().items():
+            weight = quantized.dequantized(self, name, originals)
+            merged = ops.add(weight, delta)
+            if not bool(ops.all(ops.isfinite(merged))):
+                raise ValueError(
+                    f"Merging the adapter of layer '{self.name}' gives a "
+                    f"non-finite `{name}`. Nothing was changed."
+                )
+            if dequantize:
+                values[name] = merged
+                continue
+            if not bool(ops.any(ops.not_equal(delta, 0))):
+                # No update: the quantized weight stays exactly as it is.
+                report[name] = {
+                    "max_abs_weight_error": 0.0,
+                    "update_relative_error": 0.0,
+                }
+                continue
+            q = quantized.requantized(self, name, merged)
+            values.update(q)
+            back = ops.convert_to_numpy(quantized.dequantized(self, name, q))
+            merged = ops.convert_to_numpy(merged)
+            delta = ops.convert_to_numpy(delta)
+            got = back - ops.convert_to_numpy(weight)
+            update = float(np.linalg.norm(delta))
+            report[name] = {
+                "max_abs_weight_error": float(np.max(np.abs(back - merged))),
+                "update_relative_error": float(
+                    np.linalg.norm(got - delta) / update if update else 0.0
+                ),
+            }
+        return values, report
+
+    def requantization_report(self):
+        """What merging would keep of the update on a quantized base:
+        `{weight name: {"max_abs_weight_error", "update_relative_error"}}`
+        (see `requantized_merge`); `{}` for a float layer."""
+        if quantized.quantization_mode(self) is None:
+            return {}
+        return self.requantized_merge()[1]
 
     def _dora_merged(self, name, adapted):
         """`m * V / ||V||` per output unit of the float32 adapted weight
@@ -721,7 +865,10 @@ class LoRALayer:
         return super().get_config()
 
     def _new_plain_layer(self):
-        layer = self.merge_class.from_config(self.base_config())
+        config = self.base_config()
+        # A layer alone has no path in its model's DTypePolicyMap.
+        config["dtype"] = quantized.resolved_policy(self)
+        layer = self.merge_class.from_config(config)
         build_config = self.get_build_config()
         if build_config:
             layer.build_from_config(build_config)
@@ -729,27 +876,53 @@ class LoRALayer:
             layer.build()
         return layer
 
-    def merge(self):
+    def merge(self, dequantize=False):
         """Returns a new plain Keras layer with `W + s * A @ B` folded in.
 
         The LoRA layer itself is not changed and can keep training. The
         merged weights are computed in float32 and cast once to the base
-        weight's dtype.
+        weight's dtype. On a quantized base (int8 / int4) the merged weight
+        is quantized again with Keras's quantizer (`requantized_merge`), or
+        with `dequantize=True` the layer is a float layer holding exactly
+        `W_deq + s * A @ B`.
+
+        Args:
+            dequantize: bool, for a quantized base only: return a float
+                layer instead of one in the base's quantization mode.
+                Defaults to `False`.
 
         Returns:
             A built layer of the base Keras class (e.g. `keras.layers.Dense`)
-            with the same config, name and dtype policy, whose variables are
-            new (trainable, as in any plain layer).
+            with the same config, name and dtype policy (the float policy
+            with `dequantize=True`), whose variables are new (trainable, as
+            in any plain layer).
 
         Raises:
             ValueError: if the layer is not built.
         """
         self._check_built("merge")
-        layer = self._new_plain_layer()
-        values = self.merged_values()
         originals = {n: self.original_value(n) for n in self.base_weights()}
+        if dequantize and quantized.quantization_mode(self) is not None:
+            layer = self.merge_class.from_config(quantized.float_config(self))
+            build_config = self.get_build_config()
+            if build_config:
+                layer.build_from_config(build_config)
+            else:
+                layer.build()
+            values = self.requantized_merge(dequantize=True)[0]
+            for weight in layer.weights:
+                if weight.name not in values:
+                    values[weight.name] = (
+                        quantized.dequantized(self, weight.name, originals)
+                        if weight.name in quantized.QUANTIZATION_VARIABLES
+                        else (originals[weight.name])
+                    )
+        else:
+            layer = self._new_plain_layer()
+            values = self.merged_values()
         for weight in layer.weights:
-            weight.assign(values.get(weight.name, originals[weight.name]))
+            value = values.get(weight.name, originals.get(weight.name))
+            weight.assign(ops.cast(value, weight.dtype))
         return layer
 
     def unload(self):
@@ -1034,12 +1207,7 @@ class LoRALayer:
                 f"`layer` must be built before it is wrapped. Received: "
                 f"unbuilt layer={layer.name!r}; call it on an input first."
             )
-        if getattr(layer, "quantization_mode", None):
-            raise ValueError(
-                "Quantized layers are not supported. Received: layer="
-                f"{layer.name!r} with quantization_mode="
-                f"{layer.quantization_mode!r}"
-            )
+        quantized.check_supported(layer, f"`layer` {layer.name!r}")
         if getattr(layer, "lora_enabled", False):
             raise ValueError(
                 f"`layer` {layer.name!r} has Keras's built-in LoRA enabled; "
@@ -1048,6 +1216,10 @@ class LoRALayer:
         config = layer.get_config()
         config.pop("lora_rank", None)
         config.pop("lora_alpha", None)
+        if "quantization_config" in config:
+            # The object itself, not its serialized form (Keras's
+            # `from_config` would deserialize it).
+            config["quantization_config"] = layer.quantization_config
         initializers = {
             "lora_a_initializer": lora_a_initializer,
             "lora_b_initializer": lora_b_initializer,
@@ -1092,8 +1264,44 @@ class LoRALayer:
             "`enable_lora` cannot be combined with it."
         )
 
-    def quantize(self, *args, **kwargs):
-        raise NotImplementedError(
-            f"Layer '{self.name}': quantize the merged model instead "
-            "(`keras_lora.merge(model)`); LoRA layers are not quantized."
-        )
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the frozen base weights in place (Keras's quantizer, as
+        `model.quantize(mode)` does for a plain layer) and keeps the
+        adapters, which stay float32 and trainable: QLoRA on an adapted
+        model. The variables `apply_lora`'s model shares are not changed
+        (the layer gets new quantized variables).
+
+        Raises:
+            ValueError: a mode other than int8 / int4, a layer kind Keras
+                does not quantize, DoRA, a PiSSA / OLoRA residual, a layer
+                merged in place or already quantized; nothing is changed.
+        """
+        del type_check
+        problem = None
+        if mode not in quantized.SUPPORTED_MODES:
+            problem = (
+                f"mode {mode!r}: keras_lora keeps adapters over "
+                f"{list(quantized.SUPPORTED_MODES)} bases only"
+            )
+        elif not isinstance(
+            self,
+            keras.layers.Dense
+            | keras.layers.EinsumDense
+            | keras.layers.Embedding,
+        ):
+            problem = f"Keras does not quantize {self.base_class.__name__}"
+        elif self.use_dora or self.has_residual:
+            problem = "DoRA and PiSSA / OLoRA adapters need a float base"
+        elif self.merged:
+            problem = "it is merged in place (unmerge it first)"
+        elif quantized.quantization_mode(self) is not None:
+            problem = "it is already quantized"
+        if problem is not None:
+            raise ValueError(
+                f"Cannot quantize layer '{self.name}' "
+                f"({type(self).__name__}): {problem}. Quantize the merged "
+                "model instead (`keras_lora.merge(model)`), or quantize "
+                "before `apply_lora`."
+            )
+        self.base_class.quantize(self, mode, type_check=False, config=config)
+        self.freeze_base_weights()

@@ -133,7 +133,8 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         self.build_lora()
 
     def lora_shapes(self):
-        d_in, units = self.base_weights()["kernel"].shape
+        # (An int4 kernel is stored packed: its second axis is not `units`.)
+        d_in, units = self.base_weights()["kernel"].shape[0], self.units
         return [
             (
                 "lora_a",
@@ -144,9 +145,8 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         ]
 
     def call(self, inputs, training=None):
-        x = self.apply_adapter(
-            ops.matmul(inputs, self.kernel), inputs, training
-        )
+        x = self.base_product(inputs, lambda: ops.matmul(inputs, self.kernel))
+        x = self.apply_adapter(x, inputs, training)
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:

@@ -183,10 +183,11 @@ class LoRASeparableConvMixin(LoRALayer):
         ]
 
     def call(self, inputs, training=None):
-        depthwise_delta = self.adapter_delta(
-            inputs, training, DEPTHWISE_PAIR, self.depthwise_branch
+        mixing = (
+            self.adapter_bank is not None
+            and self.adapter_bank.in_mixed_batch(self)
         )
-        if depthwise_delta is None:
+        if not self.lora_active() and not mixing:
             # Merged in place: exactly Keras's separable convolution.
             outputs = ops.separable_conv(
                 inputs,
@@ -209,10 +210,9 @@ class LoRASeparableConvMixin(LoRALayer):
                 dilation_rate=self.dilation_rate,
                 data_format=self.data_format,
             )
-            hidden = ops.add(hidden, depthwise_delta)
-            scale = self.dora_output_scale(DEPTHWISE_PAIR)
-            if scale is not None:
-                hidden = self.scale_units(hidden, *scale, pair=DEPTHWISE_PAIR)
+            hidden = self.apply_adapter(
+                hidden, inputs, training, DEPTHWISE_PAIR, self.depthwise_branch
+            )
             outputs = ops.conv(
                 hidden,
                 self.pointwise_kernel,

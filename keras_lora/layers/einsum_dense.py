@@ -89,6 +89,15 @@ def factor_equation(equation):
     )
 
 
+def _kernel_shape(layer):
+    """The kernel's shape (an int4 kernel is stored flattened and packed;
+    Keras keeps its shape as `original_kernel_shape`)."""
+    if getattr(layer, "quantization_mode", None) == "int4":
+        return tuple(layer.original_kernel_shape)
+    (kernel,) = [w for w in layer.weights if w.name == "kernel"]
+    return tuple(kernel.shape)
+
+
 @keras.saving.register_keras_serializable(package="keras_lora")
 class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     """An `EinsumDense` layer whose frozen kernel is adapted by LoRA.
@@ -190,7 +199,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         self.equation_b = self.factored.equation_b
         self.lora_as_matmul = self.factored.as_matmul
         kernel_spec = self.factored.kernel
-        kernel_shape = self.base_weights()["kernel"].shape
+        kernel_shape = _kernel_shape(self)
         shape = dict(zip(kernel_spec, kernel_shape, strict=True))
         self.in_dims = tuple(shape[c] for c in self.in_axes)
         self.out_dims = tuple(shape[c] for c in self.out_axes)
@@ -201,7 +210,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     @classmethod
     def adapted_dims(cls, layer):
         f = factor_equation(layer.equation)
-        shape = dict(zip(f.kernel, layer.kernel.shape, strict=True))
+        shape = dict(zip(f.kernel, _kernel_shape(layer), strict=True))
         return [
             (
                 math.prod(shape[c] for c in f.in_axes),
@@ -230,7 +239,9 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         ]
 
     def call(self, inputs, training=None):
-        x = ops.einsum(self.equation, inputs, self.kernel)
+        x = self.base_product(
+            inputs, lambda: ops.einsum(self.equation, inputs, self.kernel)
+        )
         x = self.apply_adapter(x, inputs, training)
         if self.bias is not None:
             x = ops.add(x, self.bias)

@@ -86,8 +86,12 @@ class _EmbeddingLoRA(LoRALayer):
     def embed(self, inputs, training):
         if inputs.dtype != "int32" and inputs.dtype != "int64":
             inputs = ops.cast(inputs, "int32")
-        outputs = ops.take(self.embeddings, inputs, axis=0)
-        outputs = ops.cast(outputs, self.compute_dtype)
+        outputs = self.base_product(
+            inputs,
+            lambda: ops.cast(
+                ops.take(self.embeddings, inputs, axis=0), self.compute_dtype
+            ),
+        )
         return self.apply_adapter(outputs, inputs, training)
 
     def branch(self, inputs, a, b, training=None, adapter_ids=None):
@@ -228,21 +232,32 @@ class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
                 set_keras_mask(result, mask)
             return result
         x = inputs
-        kernel = (
-            ops.transpose(self.embeddings)
-            if self.tie_weights
-            else self.reverse_embeddings
-        )
+
+        def reverse_product():
+            kernel = (
+                ops.transpose(self.embeddings)
+                if self.tie_weights
+                else self.reverse_embeddings
+            )
+            if self.reverse_dtype is not None:
+                kernel = ops.cast(kernel, self.reverse_dtype)
+            return ops.matmul(x, kernel)
+
         if self.reverse_dtype is not None:
             x = ops.cast(x, self.reverse_dtype)
-            kernel = ops.cast(kernel, self.reverse_dtype)
-        if self.tie_weights:
+        if self.tie_weights and self.dora_active():
             # DoRA scales the table's columns, the reverse projection's
             # input features: logits = (x * g) @ (E + s * A @ B)^T.
-            scale = self.dora_output_scale()
+            factors, scale = self.dora_factors()
+            x = self.scale_units(x, scale)
+            logits = self.base_product(x, reverse_product, reverse=True)
+            delta = self.reverse_branch(x, *factors, training)
+            logits = ops.add(logits, delta)
+        elif self.tie_weights:
+            scale = self.dora_output_scale()  # in a mixed batch
             if scale is not None:
                 x = self.scale_units(x, *scale)
-            logits = ops.matmul(x, kernel)
+            logits = self.base_product(x, reverse_product, reverse=True)
             delta = self.adapter_delta(
                 x, training, self.reverse_pair(), self.reverse_branch
             )
@@ -250,7 +265,7 @@ class LoRAReversibleEmbedding(_EmbeddingLoRA, keras.layers.ReversibleEmbedding):
                 logits = ops.add(logits, delta)
         else:
             logits = self.apply_adapter(
-                ops.matmul(x, kernel),
+                self.base_product(x, reverse_product, reverse=True),
                 x,
                 training,
                 self.reverse_pair(),
