@@ -27,6 +27,7 @@ from benchmarks import layers  # noqa: E402
 from benchmarks import lora_branch  # noqa: E402
 from benchmarks import memory  # noqa: E402
 from benchmarks import profile_step  # noqa: E402
+from benchmarks import quantized  # noqa: E402
 from benchmarks import run_all  # noqa: E402
 from benchmarks import scaling  # noqa: E402
 from benchmarks import train_step  # noqa: E402
@@ -383,3 +384,34 @@ def test_performance_page_adapter_table_is_the_scripts():
     with open(os.path.join(ROOT, "docs", "performance.md")) as f:
         page = f.read()
     assert adapters.table(os.path.join(ROOT, "benchmarks", "results")) in page
+
+
+def test_quantized_bases_shrink_the_weights_and_report_the_merge(tmp_path):
+    """int8 / int4 bases hold fewer weight bytes than float32; the float
+    merge reproduces the LoRA model (W_deq + s A B); a re-quantizing merge
+    reports what it kept of each adapted layer's update."""
+    quantized.main([*SMOKE, "--out", str(tmp_path)])
+    path = tmp_path / f"quantized_{keras.backend.backend()}_{DEVICE}.json"
+    with open(path) as f:
+        result = json.load(f)
+    (row,) = result["results"].values()
+    assert row["float32"]["weights_vs_float32"] == 1.0
+    assert row["int4"]["weights_bytes"] < row["int8"]["weights_bytes"]
+    assert row["int8"]["weights_bytes"] < row["float32"]["weights_bytes"]
+    for mode in ("int8", "int4"):
+        merge = row[mode]["merge"]
+        assert merge["layers"] > 0
+        assert _positive_finite(merge["max_abs_weight_error"])
+        assert _positive_finite(row[mode]["step_vs_float32"]["median"])
+    assert "layers" not in row["float32"]["merge"]
+    # int4 bases are weight-only: the float merge is the LoRA model.
+    assert row["int4"]["merge"]["dequantized_vs_lora_relative"] < 1e-4
+    assert quantized.table(str(tmp_path)).count("\n") == 2 + 3
+
+
+def test_quantization_page_table_is_the_scripts():
+    """docs/quantization.md shows exactly `benchmarks.quantized.table()` of
+    the JSON in benchmarks/results."""
+    with open(os.path.join(ROOT, "docs", "quantization.md")) as f:
+        page = f.read()
+    assert quantized.table(os.path.join(ROOT, "benchmarks", "results")) in page

@@ -1,0 +1,211 @@
+"""QLoRA: LoRA over a float32, int8 and int4 base (Keras's `model.quantize`).
+
+For each base (the real all-MiniLM-L6-v2 weights, and a keras-hub Gemma
+config): the model's weight memory, one LoRA training step's time as a
+ratio to the float32 base's (interleaved rounds, median), and, after a few
+training steps (Adam 1e-3, rank 8, query + value, fixed batch), what a merge
+keeps of the update: `requantization_report` of every adapted layer (the
+largest absolute weight error and the error relative to the update `s A B`)
+and the largest output difference from the LoRA model for `merge(model)`
+(re-quantized) and `merge(model, dequantize=True)` (float `W_deq + s A B`).
+
+    KERAS_BACKEND=jax python -m benchmarks.quantized --quick
+    python -m benchmarks.quantized --table   # Markdown from the JSON results
+"""
+
+import json
+import os
+import statistics
+import warnings
+
+from benchmarks import common
+
+SIZES = {
+    "smoke": dict(
+        models=("gemma_smoke",), batch=2, seq=8, steps=2, rounds=2, warmup=1
+    ),
+    "quick": dict(
+        models=("minilm", "gemma_tiny"),
+        batch=8,
+        seq=64,
+        steps=10,
+        rounds=10,
+        warmup=2,
+    ),
+    "full": dict(
+        models=("minilm", "gemma_mid"),
+        batch=16,
+        seq=128,
+        steps=20,
+        rounds=20,
+        warmup=3,
+    ),
+}
+MODES = ("float32", "int8", "int4")
+
+
+def _quantized_model(name, mode, spec):
+    """The task model around a backbone with LoRA (rank 8, query + value)
+    over a float32 or quantized base, its batch and the backbone's weight
+    bytes."""
+    import keras_lora
+
+    backbone = common.build_backbone(name)
+    x, y = common.make_batch(name, backbone, spec["batch"], spec["seq"])
+    if mode != "float32":
+        # The backbone itself: its config records the quantized layers (a
+        # model that only wraps it would be rebuilt in float).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # layers Keras does not quantize
+            backbone.quantize(mode)
+    weights = common.variables_bytes(backbone.weights)
+    lora_backbone = keras_lora.apply_lora(backbone, rank=8, alpha=16)
+    lora = common.task_model(name, lora_backbone, learning_rate=1e-3)
+    return lora, x, y, weights
+
+
+def _merge_errors(lora, x):
+    import numpy as np
+    from keras import ops
+
+    import keras_lora
+
+    out = np.asarray(ops.convert_to_numpy(lora(x)), "float64")
+    scale = float(np.abs(out).max())
+    rows = []
+    for layer in keras_lora.lora_layers(lora).values():
+        rows.extend(layer.requantization_report().values())
+    result = {}
+    if rows:
+        relative = [r["update_relative_error"] for r in rows]
+        result.update(
+            layers=len(rows),
+            max_abs_weight_error=max(r["max_abs_weight_error"] for r in rows),
+            update_relative_error_median=statistics.median(relative),
+            update_relative_error_max=max(relative),
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", keras_lora.QuantizedMergeWarning)
+        for key, dequantize in (("merged", False), ("dequantized", True)):
+            merged = keras_lora.merge(lora, dequantize=dequantize)
+            diff = np.asarray(ops.convert_to_numpy(merged(x))) - out
+            result[f"{key}_vs_lora_relative"] = float(np.abs(diff).max()) / (
+                scale
+            )
+    return result
+
+
+def run(size="quick", device="cpu"):
+    common.check_device(device)
+    spec = SIZES[size]
+    rows = {}
+    for name in spec["models"]:
+        models = {}
+        for mode in MODES:
+            common.log(f"{name} {mode}: building")
+            models[mode] = _quantized_model(name, mode, spec)
+        steps = {
+            mode: (lambda m=m: m[0].train_on_batch(m[1], m[2]))
+            for mode, m in models.items()
+        }
+        times = common.interleaved_times(steps, spec["warmup"], spec["rounds"])
+        for _ in range(spec["steps"]):
+            for step in steps.values():
+                step()
+        row = {}
+        for mode, (lora, x, _, weights) in models.items():
+            row[mode] = {
+                "weights_bytes": weights,
+                "weights_vs_float32": weights / models["float32"][3],
+                "step_ms": statistics.median(times[mode]) * 1e3,
+                "step_vs_float32": common.ratio_stats(
+                    times[mode], times["float32"]
+                ),
+                "merge": _merge_errors(lora, x),
+            }
+        rows[name] = row
+    return {
+        "benchmark": "quantized",
+        "size": size,
+        "machine": common.machine_info(device),
+        "rank": 8,
+        "training_steps": spec["steps"] + spec["warmup"] + spec["rounds"],
+        "results": rows,
+    }
+
+
+BACKENDS = ("jax", "tensorflow", "torch")
+
+
+def table(out_dir="benchmarks/results", device="cpu"):
+    """The Markdown table of `quantized_<backend>_<device>.json`: one row
+    per backend, model and base."""
+    lines = [
+        "| backend | model | base | weights (MiB, x float32) | step "
+        "x float32 | merge: max abs weight error | update lost "
+        "(median / max) | merged vs LoRA | float merge vs LoRA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    found = False
+    for backend in BACKENDS:
+        path = os.path.join(out_dir, f"quantized_{backend}_{device}.json")
+        if not os.path.exists(path):
+            continue
+        found = True
+        with open(path) as f:
+            result = json.load(f)
+        for name, row in result["results"].items():
+            for mode in [m for m in MODES if m in row]:
+                r = row[mode]
+                merge = r["merge"]
+                lost = (
+                    f"{merge['update_relative_error_median']:.1%} / "
+                    f"{merge['update_relative_error_max']:.1%}"
+                    if "layers" in merge
+                    else "-"
+                )
+                weight_error = (
+                    f"{merge['max_abs_weight_error']:.2g}"
+                    if "layers" in merge
+                    else "-"
+                )
+                lines.append(
+                    f"| {backend} | {name} | {mode} | "
+                    f"{r['weights_bytes'] / 2**20:.1f} "
+                    f"({r['weights_vs_float32']:.2f}) | "
+                    f"{r['step_vs_float32']['median']:.2f} | "
+                    f"{weight_error} | {lost} | "
+                    f"{merge['merged_vs_lora_relative']:.1e} | "
+                    f"{merge['dequantized_vs_lora_relative']:.1e} |"
+                )
+    if not found:
+        raise ValueError(
+            f"No quantized_<backend>_{device}.json in {out_dir!r}: run "
+            "`python -m benchmarks.quantized` first. Received: "
+            f"out_dir={out_dir!r}, device={device!r}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="print the Markdown table of the JSON results in --out and exit",
+    )
+    args = parser.parse_args(argv)
+    if args.table:
+        text = table(args.out, args.device)
+        print(text, end="")
+        return text
+    common.setup_device(args.device)
+    result = run(args.size, args.device)
+    path = common.write_json(result, args.out, "quantized")
+    print(table(args.out, args.device), end="")
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
