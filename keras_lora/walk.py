@@ -119,12 +119,27 @@ def require_lora_layers(model, what, include_self=False):
     return layers
 
 
+def _host_side(fn):
+    """`fn`, run as plain Python when a `torch.compile`d function calls it.
+
+    The registry below is bookkeeping, not computation: traced by
+    `torch.compile`, its weak dictionary's keys become guards that the
+    garbage collector can invalidate while they are being built.
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.compiler.disable(fn)
+    return fn
+
+
 # For each keras_lora layer, the models keras_lora was given or returned
 # that hold it (a keras-hub task and its backbone, say): a change made
 # through one of them must reset the compiled functions of all of them.
 _MODELS = weakref.WeakKeyDictionary()
 
 
+@_host_side
 def remember_models(model, layers):
     """Records that `model` holds `layers` (`{path: lora_layer}`)."""
     if not isinstance(model, keras.Model):
@@ -140,6 +155,7 @@ def traced_state(layers):
     return tuple((layer.scaling, layer.merged) for layer in layers.values())
 
 
+@_host_side
 def reset_compiled_functions(model, layers=None):
     """Drops the compiled `fit`/`evaluate`/`predict` functions and a
     keras-hub task's `generate_function` of `model`, of every model nested
@@ -183,6 +199,7 @@ def to_numpy(structure, dtype=None):
     )
 
 
+@_host_side
 def _reset_models_holding(layer):
     models = list(_MODELS.get(layer, ()))
     if models:

@@ -256,6 +256,48 @@ def test_mixed_batch_compiled_equals_per_example(lm):
     assert_close(out, per_example_reference(model, ids, adapter_ids))
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch",
+    reason="torch.compile's guards; jax.jit and tf.function keep none",
+)
+def test_mixed_batch_compiles_while_other_models_are_collected(monkeypatch):
+    """Models dropped by the user while `torch.compile` builds its guards
+    (the garbage collector runs whenever it likes) must not break the
+    compiled mixed-batch call: keras_lora's registry of models is kept out
+    of the traced code."""
+    import gc
+
+    from torch._dynamo import guards
+
+    dropped = []
+    for _ in range(4):
+        batch = []
+        for _ in range(15):
+            inputs = keras.Input((4,))
+            m = keras.Model(inputs, keras_lora.LoRADense(3, rank=2)(inputs))
+            keras_lora.lora_layers(m)
+            batch.append(m)
+        dropped.append(batch)
+    build_guards = guards.CheckFunctionManager.__init__
+
+    def collect_then_build(self, *args, **kwargs):
+        if dropped:
+            dropped.pop(0)
+            gc.collect()
+        return build_guards(self, *args, **kwargs)
+
+    monkeypatch.setattr(
+        guards.CheckFunctionManager, "__init__", collect_then_build
+    )
+    model = dense_model()
+    x = np.random.default_rng(3).normal(size=(4, DIM)).astype("float32")
+    adapter_ids = np.array([1, 2, 0, 1], "int32")
+    fn = _jit(lambda x, k: multi.mixed_batch_call(model, x, k))
+    out = to_numpy(fn(x, adapter_ids))
+    assert len(dropped) < 4  # guards were built while models were dropped
+    assert_close(out, per_example_reference(model, x, adapter_ids))
+
+
 def test_single_adapter_path_untouched_without_banks():
     """No bank: the layer's own call path (no mixed hook) computes."""
     inputs = keras.Input((4,))
