@@ -41,6 +41,27 @@ def _layer_format(x, layer):
     return x
 
 
+def _pointwise_conv(layer, hidden):
+    """The pointwise (1x1) stage of `layer`'s separable convolution.
+
+    TensorFlow's CPU kernels have no channels_first convolution on some
+    CPUs (Keras's own TensorFlow `separable_conv` transposes there too):
+    computed channels_last, then moved back.
+    """
+    moved = (
+        layer.data_format == "channels_first"
+        and keras.backend.backend() == "tensorflow"
+    )
+    outputs = ops.conv(
+        _channels_last(hidden, layer) if moved else hidden,
+        layer.pointwise_kernel,
+        strides=1,
+        padding="valid",
+        data_format="channels_last" if moved else layer.data_format,
+    )
+    return _layer_format(outputs, layer) if moved else outputs
+
+
 def depthwise_update(layer, x, a, b, adapter_ids=None):
     """A's spatial filters on each channel alone, then B per output channel.
 
@@ -213,13 +234,7 @@ class LoRASeparableConvMixin(LoRALayer):
             hidden = self.apply_adapter(
                 hidden, inputs, training, DEPTHWISE_PAIR, self.depthwise_branch
             )
-            outputs = ops.conv(
-                hidden,
-                self.pointwise_kernel,
-                strides=1,
-                padding="valid",
-                data_format=self.data_format,
-            )
+            outputs = _pointwise_conv(self, hidden)
             outputs = self.apply_adapter(outputs, hidden, training)
         return bias_and_activation(self, outputs)
 
