@@ -23,7 +23,7 @@ from keras_lora.layers import LoRALayer
 from keras_lora.layers import LoRAReversibleEmbedding
 from keras_lora.layers import LoRASeparableConv1D
 from keras_lora.layers import LoRASeparableConv2D
-from keras_lora.merge import QuantizedMergeWarning
+from keras_lora.layers.quantized import QuantizedMergeWarning
 from keras_lora.merge import merge
 from keras_lora.merge import merge_adapters
 from keras_lora.merge import unload

@@ -1,7 +1,5 @@
 """Model-level merge, unload and in-place merge of LoRA adapters."""
 
-import warnings
-
 import keras
 
 from keras_lora.clone import clone_model_sharing_variables
@@ -68,12 +66,6 @@ def _merged_values(path, layer):
         raise ValueError(f"Cannot merge layer {path!r}: {e}") from None
 
 
-class QuantizedMergeWarning(UserWarning):
-    """`merge` re-quantized an update into a quantized base: part of it is
-    lost to rounding. The message gives the numbers
-    (`LoRALayer.requantization_report`)."""
-
-
 # Keras's quantized dtype policies, serialized.
 _QUANTIZED_POLICIES = {
     "QuantizedDTypePolicy",
@@ -129,6 +121,15 @@ def _dequantized_layers(model, layers):
         mode = quantized.quantization_mode(layer)
         if mode is None or not isinstance(layer, QUANTIZABLE):
             continue
+        if id(layer) not in lora_ids and mode not in quantized.SUPPORTED_MODES:
+            raise ValueError(
+                f"merge(model, dequantize=True) turns every quantized layer "
+                f"into a float layer, and layer {path!r} (no adapter, "
+                f"quantization_mode={mode!r}) has no dequantized form "
+                f"keras_lora can compute (it does for "
+                f"{list(quantized.SUPPORTED_MODES)}). Use merge(model), "
+                "which leaves that layer as it is. Nothing was changed."
+            )
         quantized.check_supported(layer, f"Layer {path!r}")
         names = [
             n
@@ -239,34 +240,8 @@ def merge(model: keras.Model, dequantize: bool = False) -> keras.Model:
         rebuilt=rebuilt,
     )
     if reports:
-        _warn_requantization(reports)
+        quantized.warn_requantization(reports)
     return merged_model
-
-
-def _warn_requantization(reports):
-    rows = [
-        (path, name, r)
-        for path, report in reports.items()
-        for name, r in report.items()
-    ]
-    worst = max(rows, key=lambda row: row[2]["update_relative_error"])
-    listed = "; ".join(
-        f"{p} {n}: max |error| {r['max_abs_weight_error']:.3g}, "
-        f"{r['update_relative_error']:.1%} of the update"
-        for p, n, r in rows[:8]
-    )
-    warnings.warn(
-        QuantizedMergeWarning(
-            f"Merged {len(rows)} adapted weight(s) into their quantized "
-            f"base and quantized them again; the rounding changes the update "
-            f"by up to {worst[2]['update_relative_error']:.1%} of its norm "
-            f"({worst[0]} {worst[1]}). {listed}"
-            + (" ..." if len(rows) > 8 else "")
-            + ". For the exact W_deq + s A B, merge with dequantize=True "
-            "(a float model)."
-        ),
-        stacklevel=3,
-    )
 
 
 def unload(model: keras.Model) -> keras.Model:
@@ -297,6 +272,10 @@ def merge_adapters(model: keras.Model) -> keras.Model:
     original weights are kept, so `unmerge_adapters` restores them bit for
     bit. Compiled functions are reset so the next call retraces.
 
+    On a quantized base (int8 / int4) the merged weight is quantized again
+    in the base's mode, as `merge(model)` does, with the same
+    `QuantizedMergeWarning` of what the rounding lost.
+
     Raises:
         ValueError: if `model` has no keras_lora layers or is already merged,
             or a merged weight would not be finite (as in `merge`); then no
@@ -307,12 +286,22 @@ def merge_adapters(model: keras.Model) -> keras.Model:
     if merged:
         raise ValueError(f"Adapters already merged in place at {merged}.")
     # Every layer's merged weights first, so a refused one changes nothing.
-    values = {
-        path: _merged_values(path, layer) for path, layer in layers.items()
-    }
+    values, reports = {}, {}
+    for path, layer in layers.items():
+        if quantized.quantization_mode(layer) is None:
+            values[path] = _merged_values(path, layer)
+            continue
+        try:
+            values[path], report = layer.requantized_merge()
+        except ValueError as e:
+            raise ValueError(f"Cannot merge layer {path!r}: {e}") from None
+        if any(r["update_relative_error"] for r in report.values()):
+            reports[path] = report
     for path, layer in layers.items():
         layer.assign_merged(values[path])
     reset_compiled_functions(model)
+    if reports:
+        quantized.warn_requantization(reports)
     return model
 
 

@@ -337,6 +337,53 @@ def test_unsupported_quantization_is_refused_by_name(rng):
     assert type(q.get_layer("q")) is keras.layers.Dense
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_in_place_merge_re_quantizes_and_warns(rng, mode):
+    """`merge_adapters` and `layer.merge_adapter()` on a quantized base
+    re-quantize as `merge` does, with the same warning; unmerging gives
+    the LoRA model back bit for bit."""
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(16, name="d")(inputs))
+    model.quantize(mode)
+    lora = kl.apply_lora(model, rank=2, targets="d", inplace=True)
+    layer = lora.get_layer("d")
+    _random_adapters(layer, rng)
+    x = rng.normal(size=(4, 8)).astype("float32")
+    out = np_(lora(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kl.QuantizedMergeWarning)
+        expected = np_(kl.merge(lora)(x))
+    lost = layer.requantization_report()["kernel"]["update_relative_error"]
+    assert lost > 0
+    with pytest.warns(kl.QuantizedMergeWarning, match=f"{lost:.1%}"):
+        kl.merge_adapters(lora)
+    assert_exact(np_(lora(x)), expected)
+    kl.unmerge_adapters(lora)
+    assert_exact(np_(lora(x)), out)
+    with pytest.warns(kl.QuantizedMergeWarning, match="'?d'? kernel"):
+        layer.merge_adapter()
+    assert_exact(np_(lora(x)), expected)
+    layer.unmerge_adapter()
+    assert_exact(np_(lora(x)), out)
+
+
+def test_dequantized_merge_names_a_layer_it_cannot_convert(rng):
+    """`merge(model, dequantize=True)` with a float8 layer that has no
+    adapter: an error naming that layer and the way out; `merge(model)`
+    leaves the layer as it is."""
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dense(8, name="a")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="c")(hidden))
+    model(rng.normal(size=(2, 8)).astype("float32"))
+    model.get_layer("c").quantize("float8")
+    lora = kl.apply_lora(model, rank=2, targets=["a"])
+    with pytest.raises(
+        ValueError, match=r"'c' \(no adapter, quantization_mode='float8'\)"
+    ):
+        kl.merge(lora, dequantize=True)
+    assert kl.merge(lora).get_layer("c").quantization_mode == "float8"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_gemma_causal_lm_qlora(rng, tmp_path, mode):
@@ -399,8 +446,13 @@ def test_gemma_causal_lm_qlora(rng, tmp_path, mode):
     import tensorflow as tf
 
     # The float export is the float merge, W_deq + s A B.
+    # check_inputs checks it against that merged model (for int8 not the
+    # LoRA model, by the activations' rounding).
     folder = str(tmp_path / "float")
-    kl.export_saved_model(lora, folder, dequantize=True)
+    export = kl.export_saved_model(
+        lora, folder, dequantize=True, check_inputs=x
+    )
+    assert export.max_abs_diff <= 1e-4 * export.output_max_abs
     loaded = tf.saved_model.load(folder)
     assert_close(np_(loaded.serve(x)), np_(plain(x)), ulps=1024)
     # The quantized export is the re-quantized merge (not the LoRA model:
@@ -408,7 +460,7 @@ def test_gemma_causal_lm_qlora(rng, tmp_path, mode):
     folder = str(tmp_path / "quantized")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", kl.QuantizedMergeWarning)
-        kl.export_saved_model(lora, folder)
+        kl.export_saved_model(lora, folder, check_inputs=x)
     loaded = tf.saved_model.load(folder)
     served = np_(loaded.serve(x))
     assert_close(served, np_(merged(x)), ulps=1024)

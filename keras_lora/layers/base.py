@@ -941,6 +941,10 @@ class LoRALayer:
         Compiled functions of the models keras_lora knows hold the layer
         are reset (`keras_lora.merge_adapters(model)` resets `model`'s).
 
+        On a quantized base (int8 / int4) the merged weight is quantized
+        again in the base's mode and a `keras_lora.QuantizedMergeWarning`
+        says how much of the update the rounding lost.
+
         Raises:
             ValueError: already merged; or the layer is in a model that
                 `apply_lora` cloned (its base weights are the given model's
@@ -950,7 +954,13 @@ class LoRALayer:
         self._check_built("merge_adapter")
         if self.merged:
             raise ValueError(f"Layer '{self.name}' is already merged.")
-        self.assign_merged(self.merged_values())
+        if quantized.quantization_mode(self) is None:
+            self.assign_merged(self.merged_values())
+            return
+        values, report = self.requantized_merge()
+        self.assign_merged(values)
+        if any(r["update_relative_error"] for r in report.values()):
+            quantized.warn_requantization({self.name: report})
 
     def assign_merged(self, values):
         """Writes precomputed `merged_values()` into the base weights, keeping

@@ -16,6 +16,8 @@ with Keras's own `layer.quantize` on a temporary float layer of the same
 config, so a merged layer has exactly the base layer's variables.
 """
 
+import warnings
+
 import keras
 import numpy as np
 from keras import ops
@@ -259,3 +261,38 @@ def requantized(layer, name, value):
                 )
             values[var] = array.astype(own[var].dtype)
     return values
+
+
+class QuantizedMergeWarning(UserWarning):
+    """`merge` re-quantized an update into a quantized base: part of it is
+    lost to rounding. The message gives the numbers
+    (`LoRALayer.requantization_report`)."""
+
+
+def warn_requantization(reports):
+    """Warns with a `QuantizedMergeWarning` listing, per adapted weight of
+    `reports` (`{path: requantization_report}`), what the re-quantization
+    lost; the caller of the caller is named as the source."""
+    rows = [
+        (path, name, r)
+        for path, report in reports.items()
+        for name, r in report.items()
+    ]
+    worst = max(rows, key=lambda row: row[2]["update_relative_error"])
+    listed = "; ".join(
+        f"{p} {n}: max |error| {r['max_abs_weight_error']:.3g}, "
+        f"{r['update_relative_error']:.1%} of the update"
+        for p, n, r in rows[:8]
+    )
+    warnings.warn(
+        QuantizedMergeWarning(
+            f"Merged {len(rows)} adapted weight(s) into their quantized "
+            f"base and quantized them again; the rounding changes the update "
+            f"by up to {worst[2]['update_relative_error']:.1%} of its norm "
+            f"({worst[0]} {worst[1]}). {listed}"
+            + (" ..." if len(rows) > 8 else "")
+            + ". For the exact W_deq + s A B, merge with dequantize=True "
+            "(a float model)."
+        ),
+        stacklevel=3,
+    )
