@@ -9,23 +9,39 @@ largest absolute weight error and the error relative to the update `s A B`)
 and the largest output difference from the LoRA model for `merge(model)`
 (re-quantized) and `merge(model, dequantize=True)` (float `W_deq + s A B`).
 
+Training memory, each base in a fresh process (`--memory-child`): the
+resident set size (VmRSS) after the imports and after building the model,
+and its peak (VmHWM, reset through /proc/self/clear_refs) during the first
+training step (tracing, optimizer state) and during three more. The CPU
+backends keep no allocator statistics of their own, so RSS is the measure.
+
     KERAS_BACKEND=jax python -m benchmarks.quantized --quick
     python -m benchmarks.quantized --table   # Markdown from the JSON results
 """
 
+import gc
 import json
 import os
 import statistics
+import subprocess
+import sys
 import warnings
 
 from benchmarks import common
 
 SIZES = {
     "smoke": dict(
-        models=("gemma_smoke",), batch=2, seq=8, steps=2, rounds=2, warmup=1
+        models=("gemma_smoke",),
+        memory_models=("gemma_smoke",),
+        batch=2,
+        seq=8,
+        steps=2,
+        rounds=2,
+        warmup=1,
     ),
     "quick": dict(
         models=("minilm", "gemma_tiny"),
+        memory_models=("minilm", "gemma_mid"),
         batch=8,
         seq=64,
         steps=10,
@@ -34,6 +50,7 @@ SIZES = {
     ),
     "full": dict(
         models=("minilm", "gemma_mid"),
+        memory_models=("minilm", "gemma_mid"),
         batch=16,
         seq=128,
         steps=20,
@@ -95,6 +112,78 @@ def _merge_errors(lora, x):
     return result
 
 
+def training_memory(name, mode, size):
+    """RSS of LoRA training over a `mode` base of `name`, measured in this
+    process (start it fresh: `--memory-child NAME MODE`); bytes."""
+    import keras_hub  # noqa: F401  (imports before the first reading)
+
+    import keras_lora  # noqa: F401
+
+    spec = SIZES[size]
+    gc.collect()
+    imports = common.rss_bytes()
+    lora, x, y, weights = _quantized_model(name, mode, spec)
+    gc.collect()
+    model = common.rss_bytes()
+    reset_first = common.reset_peak_rss()
+    lora.train_on_batch(x, y)
+    first_step = common.peak_rss_bytes()
+    lora.train_on_batch(x, y)
+    gc.collect()
+    before_steps = common.rss_bytes()
+    reset_steps = common.reset_peak_rss()
+    for _ in range(3):
+        lora.train_on_batch(x, y)
+    return {
+        "weights_bytes": weights,
+        "rss_imports": imports,
+        "rss_model": model,
+        "first_step_peak": first_step,
+        "rss_before_steps": before_steps,
+        "step_peak": common.peak_rss_bytes(),
+        "peak_reset_worked": reset_first and reset_steps,
+    }
+
+
+def _memory_rows(name, size):
+    """`training_memory` of each base of `name`, each in a new process,
+    with each peak above the imports as a ratio to the float32 base's."""
+    rows = {}
+    for mode in MODES:
+        common.log(f"{name} {mode}: training memory (own process)")
+        child = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.quantized",
+                "--size",
+                size,
+                "--memory-child",
+                name,
+                mode,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if child.returncode != 0:
+            raise RuntimeError(
+                f"The memory measurement of {name} {mode} failed:\n"
+                f"{child.stderr[-3000:]}"
+            )
+        rows[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+    base = rows["float32"]
+    for r in rows.values():
+        above = r["step_peak"] - r["rss_imports"]
+        r["step_peak_above_imports"] = above
+        r["step_peak_vs_float32"] = above / (
+            base["step_peak"] - base["rss_imports"]
+        )
+        r["peak_saving_bytes"] = base["step_peak"] - r["step_peak"]
+        r["weight_saving_bytes"] = base["weights_bytes"] - r["weights_bytes"]
+    return rows
+
+
 def run(size="quick", device="cpu"):
     common.check_device(device)
     spec = SIZES[size]
@@ -124,6 +213,7 @@ def run(size="quick", device="cpu"):
                 "merge": _merge_errors(lora, x),
             }
         rows[name] = row
+    memory = {name: _memory_rows(name, size) for name in spec["memory_models"]}
     return {
         "benchmark": "quantized",
         "size": size,
@@ -131,6 +221,7 @@ def run(size="quick", device="cpu"):
         "rank": 8,
         "training_steps": spec["steps"] + spec["warmup"] + spec["rounds"],
         "results": rows,
+        "memory": memory,
     }
 
 
@@ -187,6 +278,71 @@ def table(out_dir="benchmarks/results", device="cpu"):
     return "\n".join(lines) + "\n"
 
 
+def memory_table(out_dir="benchmarks/results", device="cpu"):
+    """The Markdown table of the training-memory part of
+    `quantized_<backend>_<device>.json`: one row per backend, model and
+    base."""
+    mib = 2**20
+    lines = [
+        "| backend | model | base | weights (MiB) | RSS with model (MiB) "
+        "| training step peak (MiB) | the step's own growth (MiB) "
+        "| peak above imports (x float32) | peak saved vs float32 (MiB) "
+        "| weights saved (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for backend in BACKENDS:
+        path = os.path.join(out_dir, f"quantized_{backend}_{device}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            memory = json.load(f).get("memory", {})
+        for name, row in memory.items():
+            for mode in [m for m in MODES if m in row]:
+                r = row[mode]
+                lines.append(
+                    f"| {backend} | {name} | {mode} | "
+                    f"{r['weights_bytes'] / mib:.1f} | "
+                    f"{r['rss_model'] / mib:.0f} | "
+                    f"{r['step_peak'] / mib:.0f} | "
+                    f"{(r['step_peak'] - r['rss_before_steps']) / mib:.0f} | "
+                    f"{r['step_peak_above_imports'] / mib:.0f} "
+                    f"({r['step_peak_vs_float32']:.2f}) | "
+                    f"{r['peak_saving_bytes'] / mib:.0f} | "
+                    f"{r['weight_saving_bytes'] / mib:.0f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def _memory_only(args):
+    import keras
+
+    common.setup_device(args.device)
+    path = os.path.join(
+        args.out, f"quantized_{keras.backend.backend()}_{args.device}.json"
+    )
+    if not os.path.exists(path):
+        raise ValueError(
+            f"--memory-only replaces the memory part of {path!r}, which does "
+            "not exist: run `python -m benchmarks.quantized` first. "
+            f"Received: out={args.out!r}"
+        )
+    with open(path) as f:
+        result = json.load(f)
+    if result["size"] != args.size:
+        raise ValueError(
+            f"{path!r} holds a {result['size']!r} run; measure its memory "
+            f"with the same --size. Received: size={args.size!r}"
+        )
+    result["memory"] = {
+        name: _memory_rows(name, args.size)
+        for name in SIZES[args.size]["memory_models"]
+    }
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+    print(memory_table(args.out, args.device), end="")
+    return result
+
+
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument(
@@ -194,15 +350,40 @@ def main(argv=None):
         action="store_true",
         help="print the Markdown table of the JSON results in --out and exit",
     )
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="measure only the training memory and replace it in this "
+        "backend's existing JSON result",
+    )
+    parser.add_argument(
+        "--memory-child",
+        nargs=2,
+        metavar=("MODEL", "BASE"),
+        help="(internal) measure the training memory of one base in this "
+        "process and print it as JSON",
+    )
     args = parser.parse_args(argv)
     if args.table:
-        text = table(args.out, args.device)
+        text = (
+            table(args.out, args.device)
+            + "\n"
+            + memory_table(args.out, args.device)
+        )
         print(text, end="")
         return text
+    if args.memory_child:
+        common.setup_device(args.device)
+        result = training_memory(*args.memory_child, args.size)
+        print(json.dumps(result))
+        return result
+    if args.memory_only:
+        return _memory_only(args)
     common.setup_device(args.device)
     result = run(args.size, args.device)
     path = common.write_json(result, args.out, "quantized")
     print(table(args.out, args.device), end="")
+    print(memory_table(args.out, args.device), end="")
     print(f"wrote {path}")
     return result
 

@@ -13,6 +13,7 @@ markdown, example predictions) and a loss plot. Nothing is downloaded.
     keras-lora-finetune --backend torch --rank 4 --epochs 2
     keras-lora-finetune --data my.csv --output runs/mine
     keras-lora-finetune --quick              # reduced run for CI
+    keras-lora-finetune --quantize int8      # QLoRA: int8 base, float adapters
     keras-lora-finetune predict --adapters RUN/adapters.safetensors "great"
 
 Every option is checked here, before Keras or a backend is imported, so
@@ -59,6 +60,9 @@ DEFAULTS = {
 
 #: The reduced mode (`--quick`): a small subset, for CI.
 QUICK = {"max_train": 384, "max_test": 192, "epochs": 1, "learning_rate": 3e-3}
+
+#: Keras quantization modes `--quantize` accepts (keras_lora adapts both).
+QUANTIZE_MODES = ("int8", "int4")
 
 #: Upper bounds of the numeric options (beyond them a run is a typo).
 LIMITS = {
@@ -211,6 +215,15 @@ def build_parser():
         type=_name_list("--exclude"),
         default=None,
         help="comma-separated layer names/patterns left out of --targets",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default=None,
+        help="QLoRA: quantize the pre-trained backbone with Keras "
+        "(model.quantize) before adding float32 adapters; the merged model "
+        "and the SavedModel hold the exact float W_deq + s*A*B "
+        "(default: no quantization)",
     )
     p.add_argument(
         "--preset",

@@ -162,6 +162,39 @@ def build_model(backbone, task, num_classes, label_mean, label_std):
     return keras.Model(inputs, out, name="lora_finetune")
 
 
+def quantize_backbone(model, backbone, x, mode):
+    """QLoRA's first step: quantizes `backbone` (inside `model`) in place
+    with Keras's `quantize(mode)`; the head stays float32 and trainable.
+
+    Returns `model`'s float32 predictions on `x` from before (None when
+    `mode` or `x` is None), to measure what quantizing changed.
+    """
+    if mode is None:
+        return None
+    import numpy as np
+
+    float_pred = None
+    if x is not None:
+        float_pred = np.asarray(
+            model.predict(x, batch_size=EVAL_BATCH, verbose=0)
+        )
+    with warnings.catch_warnings():
+        # "Layer X does not have a `quantize` method": norms, dropout.
+        warnings.filterwarnings("ignore", "Layer .* does not have a")
+        backbone.quantize(mode)
+    return float_pred
+
+
+def weight_bytes(layer):
+    """Bytes of `layer`'s weights, in their stored dtypes."""
+    import numpy as np
+
+    return sum(
+        int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize
+        for w in layer.weights
+    )
+
+
 def evaluate(model, x, labels, task, batch_size=256, callbacks=None):
     """Held-out scores: Pearson r and MAE (regression) or accuracy.
 
@@ -364,6 +397,15 @@ def run(args):
             f"{type(backbone).__name__} from {preset} "
             f"({backbone.count_params():,} parameters), seq len {seq_len}"
         )
+        backbone_bytes = [weight_bytes(backbone)]
+        float_pred = quantize_backbone(model, backbone, x_test, args.quantize)
+        if args.quantize:
+            backbone_bytes.append(weight_bytes(backbone))
+            steps.say(
+                f"backbone quantized to {args.quantize}: weights "
+                f"{human_bytes(backbone_bytes[0])} -> "
+                f"{human_bytes(backbone_bytes[1])}"
+            )
 
     with steps("apply_lora"):
         try:
@@ -405,6 +447,17 @@ def run(args):
             _predict_bar(bar),
         )
         steps.say(format_scores(before))
+        quantization_gap = 0.0
+        if args.quantize:
+            quantization_gap = float(
+                np.max(
+                    np.abs(before_pred.reshape(float_pred.shape) - float_pred)
+                )
+            )
+            steps.say(
+                f"{args.quantize} base vs float32 base: max abs diff "
+                f"{quantization_gap:.2e}"
+            )
 
     epochs = args.epochs or (
         QUICK["epochs"] if args.quick else DEFAULTS["epochs"]
@@ -481,7 +534,11 @@ def run(args):
     )
     try:
         with steps("merge"):
-            merged = keras_lora.merge(lora_model)
+            # A quantized base is merged into float kernels, W_deq + s*A*B
+            # (exact; keeping int8/int4 would round part of the update away).
+            merged = keras_lora.merge(
+                lora_model, dequantize=bool(args.quantize)
+            )
             merged_pred = np.asarray(
                 merged.predict(x_test, batch_size=EVAL_BATCH, verbose=0)
             )
@@ -493,11 +550,24 @@ def run(args):
                 "merged vs LoRA predictions: max abs diff "
                 f"{merge_diff:.2e} (largest prediction {output_max_abs:.3g})"
             )
+            merged_scores = None
+            if args.quantize:
+                merged_scores, _ = evaluate(
+                    merged, x_test, y_test, dataset.task
+                )
+                steps.say(
+                    "float merged model held-out "
+                    + format_scores(merged_scores)
+                )
             # Merging changes only rounding, relative to the outputs' size.
-            if merge_diff > 1e-3 * max(output_max_abs, 1e-6):
+            # Keras's int8 layers also quantize their inputs, which the float
+            # merge does not: that differs by about what the quantized base
+            # differed from the float one before training.
+            bound = 1e-3 * max(output_max_abs, 1e-6) + 2 * quantization_gap
+            if merge_diff > bound:
                 raise RuntimeError(
                     f"merged model differs from the LoRA model by {merge_diff}"
-                    f" (largest prediction {output_max_abs})"
+                    f" (largest prediction {output_max_abs}; allowed {bound})"
                 )
 
         from keras_lora.export import export_saved_model
@@ -506,12 +576,14 @@ def run(args):
             n_check = min(64, len(test))
             check = {k: v[:n_check] for k, v in x_test.items()}
             export = export_saved_model(
-                lora_model,
+                # The float merge checked above, when the base is quantized.
+                merged if args.quantize else lora_model,
                 os.path.join(staging, "saved_model"),
                 check_inputs=check,
             )
             steps.say(
-                f"signatures {export.signatures}; serve vs LoRA model on "
+                f"signatures {export.signatures}; serve vs "
+                f"{'float merged' if args.quantize else 'LoRA'} model on "
                 f"{n_check} held-out examples: max abs diff "
                 f"{export.max_abs_diff:.2e} ({export.method})"
             )
@@ -577,6 +649,10 @@ def run(args):
                 "output": args.output,
                 "rank": args.rank,
                 "alpha": args.alpha if args.alpha is not None else args.rank,
+                "quantize": args.quantize,
+                "quantization_gap": quantization_gap,
+                "backbone_weight_bytes": backbone_bytes,
+                "merged_held_out": merged_scores,
                 "targets": args.targets or "default (query, value)",
                 "exclude": args.exclude,
                 "lora_layers": len(adapted),

@@ -26,6 +26,7 @@ def predict(args):
     from keras_lora_finetune.job import load_backbone
     from keras_lora_finetune.job import load_head
     from keras_lora_finetune.job import model_inputs
+    from keras_lora_finetune.job import quantize_backbone
     from keras_lora_finetune.job import token_lengths
     from keras_lora_finetune.job import tokenize
 
@@ -43,6 +44,8 @@ def predict(args):
         run["label_mean"],
         run["label_std"],
     )
+    # The adapters were trained on this base: quantized as in the run.
+    quantize_backbone(model, backbone, None, run.get("quantize"))
     recorded = run.get("adapter_file_sha256")
     if recorded is not None and file_sha256(args.adapters) != recorded:
         raise UsageError(

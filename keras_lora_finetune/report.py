@@ -154,6 +154,32 @@ def plot_loss(step_losses, held_out, epoch_ends, path, title, score_name):
     plt.close(fig)
 
 
+def _quantized_lines(s):
+    """The QLoRA line of summary.md (none for a float32 base)."""
+    if not s.get("quantize"):
+        return []
+    before, after = s["backbone_weight_bytes"]
+    return [
+        f"- base: backbone quantized to {s['quantize']} (weights "
+        f"{human_bytes(before)} -> {human_bytes(after)}; predictions before "
+        f"training differ from the float32 base by up to "
+        f"{s['quantization_gap']:.2e}); adapters float32; merged into float "
+        "kernels (W_deq + s*A*B)"
+    ]
+
+
+def _merged_scores(s):
+    if not s.get("merged_held_out"):
+        return ""
+    return f"; merged model held-out {_score_text(s['merged_held_out'])}"
+
+
+def _score_text(scores):
+    return ", ".join(
+        f"{key} {value:.4f}" for key, value in scores.items() if key != "score"
+    )
+
+
 def write_markdown(summary, path):
     """Writes summary.md from the run's summary dict."""
     s = summary
@@ -170,6 +196,7 @@ def write_markdown(summary, path):
         f"{_names(s['targets'])}"
         + (f", exclude {_names(s['exclude'])}" if s.get("exclude") else "")
         + f" ({s['lora_layers']} layers)",
+        *_quantized_lines(s),
         f"- trainable parameters: {s['trainable_params']:,} of "
         f"{s['total_params']:,} ({s['trainable_percent']:.3f} %)",
         f"- training: {s['epochs']} epoch(s), batch {s['batch_size']}, "
@@ -202,8 +229,10 @@ def write_markdown(summary, path):
         )
     lines += [
         "",
-        f"- merged vs LoRA model: max abs diff {s['merge_max_abs_diff']:.2e}",
-        f"- SavedModel (`saved_model/`): serve outputs vs LoRA model max abs "
+        f"- merged vs LoRA model: max abs diff {s['merge_max_abs_diff']:.2e}"
+        + _merged_scores(s),
+        f"- SavedModel (`saved_model/`): serve outputs vs "
+        f"{'float merged' if s.get('quantize') else 'LoRA'} model max abs "
         f"diff {s['saved_model_max_abs_diff']:.2e}; no adapter variables",
         f"- adapters (`adapters.safetensors`): "
         f"{human_bytes(s['adapter_file_bytes'])} vs full model variables "

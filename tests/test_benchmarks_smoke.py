@@ -407,6 +407,16 @@ def test_quantized_bases_shrink_the_weights_and_report_the_merge(tmp_path):
     # int4 bases are weight-only: the float merge is the LoRA model.
     assert row["int4"]["merge"]["dequantized_vs_lora_relative"] < 1e-4
     assert quantized.table(str(tmp_path)).count("\n") == 2 + 3
+    # Training memory, each base measured in its own process.
+    (memory,) = result["memory"].values()
+    for mode in ("float32", "int8", "int4"):
+        r = memory[mode]
+        assert r["rss_imports"] < r["rss_model"] <= r["first_step_peak"]
+        assert r["rss_model"] < r["step_peak"]
+        assert _positive_finite(r["step_peak_vs_float32"])
+    assert memory["float32"]["step_peak_vs_float32"] == 1.0
+    assert memory["int4"]["weights_bytes"] == row["int4"]["weights_bytes"]
+    assert quantized.memory_table(str(tmp_path)).count("\n") == 2 + 3
 
 
 def test_quantization_page_table_is_the_scripts():
@@ -414,4 +424,6 @@ def test_quantization_page_table_is_the_scripts():
     the JSON in benchmarks/results."""
     with open(os.path.join(ROOT, "docs", "quantization.md")) as f:
         page = f.read()
-    assert quantized.table(os.path.join(ROOT, "benchmarks", "results")) in page
+    results = os.path.join(ROOT, "benchmarks", "results")
+    assert quantized.table(results) in page
+    assert quantized.memory_table(results) in page

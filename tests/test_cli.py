@@ -174,6 +174,7 @@ def test_infer_task():
         (["--seq-len", "1"], "--seq-len must be an integer from 2"),
         (["--max-train", "1"], "--max-train must be an integer >= 2, got"),
         (["--exclude", "a,,b"], "--exclude must be a comma-separated list"),
+        (["--quantize", "int2"], "--quantize: invalid choice: 'int2'"),
         (["--output", ""], "must not be empty"),
         (["predict", "--adapters", "/nonexistent.safetensors", "x"], "file"),
         (["predict", "x"], "the following arguments are required"),
@@ -608,3 +609,53 @@ def test_quick_run_end_to_end_in_a_subprocess(tmp_path):
     # A second run into the same folder is refused without --overwrite.
     again = _cli("--output", str(out), timeout=60)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quick_qlora_run_end_to_end(tmp_path, mode):
+    """`--quantize int8|int4`: the real MiniLM backbone quantized by Keras,
+    float32 adapters learn, the float merge (W_deq + s*A*B) is checked and
+    exported, and `predict` quantizes the base again to reproduce the run.
+    Run once (torch suite)."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("the QLoRA CLI runs are covered once, in the torch suite")
+    out = tmp_path / "run"
+    result = _cli(
+        "--quick", "--quantize", mode, "--output", str(out), timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quantize"] == mode
+    assert summary["gain"] >= 0.1
+    float_bytes, quantized_bytes = summary["backbone_weight_bytes"]
+    # Keras packs int4 two to a byte; scales and the float norms remain.
+    assert quantized_bytes < {"int8": 0.30, "int4": 0.17}[mode] * float_bytes
+    gap, diff = summary["quantization_gap"], summary["merge_max_abs_diff"]
+    assert gap > 0
+    if mode == "int4":
+        # Weight-only: the float merge is the QLoRA model up to rounding.
+        assert_diff_within(diff, summary["output_max_abs"], ulps=256)
+    else:
+        # int8 layers also quantize their inputs; the float merge does not.
+        assert diff <= 1e-3 * summary["output_max_abs"] + 2 * gap
+    merged = summary["merged_held_out"]["score"]
+    assert merged - summary["held_out_before"]["score"] >= 0.1
+    assert_diff_within(
+        summary["saved_model_max_abs_diff"],
+        summary["saved_model_output_max_abs"],
+        ulps=256,
+    )
+    markdown = (out / "summary.md").read_text()
+    assert f"backbone quantized to {mode}" in markdown
+    examples = summary["examples"]
+    predicted = _cli(
+        "predict",
+        "--adapters",
+        str(out / "adapters.safetensors"),
+        *[e["text"] for e in examples],
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert predicted.stdout.splitlines() == [
+        f"{e['after']}\t{e['text']}" for e in examples
+    ]
