@@ -228,6 +228,20 @@ def run(size="quick", device="cpu"):
 BACKENDS = ("jax", "tensorflow", "torch")
 
 
+def _result_path(out_dir, backend, device):
+    return os.path.join(out_dir, f"quantized_{backend}_{device}.json")
+
+
+def _results(out_dir, device):
+    """`(backend, result)` of each `quantized_<backend>_<device>.json` in
+    `out_dir`, in `BACKENDS` order."""
+    for backend in BACKENDS:
+        path = _result_path(out_dir, backend, device)
+        if os.path.exists(path):
+            with open(path) as f:
+                yield backend, json.load(f)
+
+
 def table(out_dir="benchmarks/results", device="cpu"):
     """The Markdown table of `quantized_<backend>_<device>.json`: one row
     per backend, model and base."""
@@ -238,13 +252,8 @@ def table(out_dir="benchmarks/results", device="cpu"):
         "|---|---|---|---|---|---|---|---|---|",
     ]
     found = False
-    for backend in BACKENDS:
-        path = os.path.join(out_dir, f"quantized_{backend}_{device}.json")
-        if not os.path.exists(path):
-            continue
+    for backend, result in _results(out_dir, device):
         found = True
-        with open(path) as f:
-            result = json.load(f)
         for name, row in result["results"].items():
             for mode in [m for m in MODES if m in row]:
                 r = row[mode]
@@ -290,13 +299,8 @@ def memory_table(out_dir="benchmarks/results", device="cpu"):
         "| weights saved (MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for backend in BACKENDS:
-        path = os.path.join(out_dir, f"quantized_{backend}_{device}.json")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            memory = json.load(f).get("memory", {})
-        for name, row in memory.items():
+    for backend, result in _results(out_dir, device):
+        for name, row in result.get("memory", {}).items():
             for mode in [m for m in MODES if m in row]:
                 r = row[mode]
                 lines.append(
@@ -317,9 +321,7 @@ def _memory_only(args):
     import keras
 
     common.setup_device(args.device)
-    path = os.path.join(
-        args.out, f"quantized_{keras.backend.backend()}_{args.device}.json"
-    )
+    path = _result_path(args.out, keras.backend.backend(), args.device)
     if not os.path.exists(path):
         raise ValueError(
             f"--memory-only replaces the memory part of {path!r}, which does "
