@@ -320,6 +320,30 @@ def replace_variables(layer, mapping):
     return replaced
 
 
+def functional_class():
+    """Keras's class of functional models (`keras.Model(inputs, outputs)`)."""
+    from keras.src.models.functional import Functional
+
+    return Functional
+
+
+def public_class_fields(cls):
+    """`module`, `class_name` and `registered_name` as Keras serializes an
+    instance of its own class `cls` (e.g. `keras.Sequential`)."""
+    from keras.src.saving import serialization_lib
+
+    fields = serialization_lib.serialize_with_public_class(cls)
+    if fields is None:
+        fields = {
+            "module": cls.__module__,
+            "class_name": cls.__name__,
+            "registered_name": cls.__name__,
+        }
+    return {
+        key: fields[key] for key in ("module", "class_name", "registered_name")
+    }
+
+
 def register_serializable_name(cls, registered_name):
     """Makes Keras serialize instances of `cls` under `registered_name`
     (without registering `cls` as what that name deserializes to)."""

@@ -2,10 +2,12 @@
 
 import keras
 
+from keras_lora import _keras_private
 from keras_lora.clone import clone_model_sharing_variables
 from keras_lora.layers import quantized
 from keras_lora.layers.base import LORA_CONFIG_KEYS
 from keras_lora.layers.base import QUANTIZABLE
+from keras_lora.saving import GRAPH_CLASSES
 from keras_lora.saving import REGISTERED_NAME
 from keras_lora.walk import iter_layers
 from keras_lora.walk import require_lora_layers
@@ -39,6 +41,17 @@ def _plain_configs(serialized):
                 "registered_name": base["registered_name"],
             }
         )
+    graph_bases = {
+        keras.saving.get_registered_name(cls): base
+        for base, cls in GRAPH_CLASSES.items()
+    }
+    if registered in graph_bases:
+        # keras_lora's Sequential / functional class: Keras's own again.
+        fields = _keras_private.public_class_fields(graph_bases[registered])
+        return {
+            **{k: _plain_configs(v) for k, v in serialized.items()},
+            **fields,
+        }
     if registered.startswith("keras_lora>"):
         lora_class = keras.saving.get_registered_object(registered)
         base = lora_class.base_class

@@ -69,6 +69,29 @@ def lora_model_class(base_class):
     return cls
 
 
+def _graph_model_class(base_class):
+    """keras_lora's `base_class` (`keras.Sequential` or Keras's functional
+    model class): the same model with a `save` that works in a run of
+    several processes. Its config is `base_class`'s; it serializes as
+    `keras_lora>Sequential` / `keras_lora>Functional`, so a loaded model
+    is of this class again."""
+    cls = type(
+        base_class.__name__,
+        (base_class,),
+        {
+            "__module__": __name__,
+            "__qualname__": base_class.__qualname__,
+            "__doc__": base_class.__doc__,
+            "keras_lora_base_class": base_class,
+            "__reduce__": _reduce,
+            "save": _save,
+        },
+    )
+    return keras.saving.register_keras_serializable(
+        package="keras_lora", name=base_class.__name__
+    )(cls)
+
+
 def base_class_of(model):
     """The class `apply_lora` was given (the model's own class if plain)."""
     return getattr(type(model), "keras_lora_base_class", type(model))
@@ -124,7 +147,9 @@ def attach_plan(model):
     where its own config would not re-create every keras_lora layer (layers
     that subclassed layers build, as in keras-hub models). Functional and
     Sequential models whose adapted layers are graph nodes keep their
-    class: their config already holds the keras_lora layers. Models nested
+    config (it already holds the keras_lora layers) and get keras_lora's
+    class of the same name, whose `save` works in a run of several
+    processes. Models nested
     in `model` (a keras-hub task's `backbone`) get their own plan class
     the same way, so each saves, pickles and reloads on its own."""
     nested = [
@@ -134,7 +159,7 @@ def attach_plan(model):
     ]
     for sub in [*nested, model]:
         adapted = set(lora_layers(sub))
-        if not adapted:
+        if not adapted or type(sub) in GRAPH_CLASSES.values():
             continue
         try:
             config = keras.saving.serialize_keras_object(sub)
@@ -143,6 +168,8 @@ def attach_plan(model):
             continue
         if adapted - in_config:
             sub.__class__ = lora_model_class(type(sub))
+        elif type(sub) in GRAPH_CLASSES:
+            sub.__class__ = GRAPH_CLASSES[type(sub)]
 
 
 def restore_plan(model, plan):
@@ -262,3 +289,11 @@ class LoRAModel:
 
     def get_config(self):  # pragma: no cover - never instantiated
         raise NotImplementedError
+
+
+# Sequential and functional models adapted in their graph: made at import,
+# so that loading a file finds them before any model is adapted.
+GRAPH_CLASSES = {
+    base: _graph_model_class(base)
+    for base in (keras.Sequential, _keras_private.functional_class())
+}
