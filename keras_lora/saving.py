@@ -227,8 +227,9 @@ def _save(self, filepath, *args, **kwargs):
     if process_count() == 1:
         return save(self, filepath, *args, **kwargs)
     variables = {id(v): v for v in self.variables}
-    if self.optimizer is not None:
-        variables.update((id(v), v) for v in self.optimizer.variables)
+    optimizer = getattr(self, "optimizer", None)  # unset until compile
+    if optimizer is not None:
+        variables.update((id(v), v) for v in optimizer.variables)
     # Collectives: every process gathers, in the same order, and runs the
     # whole save (Keras may create variables while saving, which on a mesh
     # is collective too); only process 0 writes to `filepath`, the others

@@ -2,6 +2,7 @@
 when started by keras_lora.launch with TF_CONFIG, else one worker).
 
 argv: OUT [crash]; with "crash", worker 1 dies (exit code 3) at step 3.
+Writes the adapters and the `.keras` model to OUT (worker 0 only).
 """
 
 import json
@@ -67,4 +68,6 @@ for _epoch in range(2):
         losses.append(float(step(tf.constant(xb), tf.constant(yb))))
 out = sys.argv[1]
 keras_lora.save_adapters(model, os.path.join(out, f"tf-{n}.safetensors"))
+# Every worker saves; worker 0 writes the one file.
+model.save(os.path.join(out, f"tf-{n}.keras"))
 print("RESULT", json.dumps({"i": i, "n": n, "losses": losses}))

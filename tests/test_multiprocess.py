@@ -21,6 +21,8 @@ import pytest
 from numerics import assert_close
 from safetensors.numpy import load_file
 
+import keras_lora  # noqa: F401 - loads the .keras files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TF_WORKER = os.path.join(ROOT, "tests", "multiprocess_tf_worker.py")
 RESTART = os.path.join(ROOT, "tests", "multiprocess_jax_restart.py")
@@ -221,7 +223,8 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
 def test_tf_two_workers_match_one_worker(tmp_path):
     """Two MultiWorkerMirroredStrategy workers started by keras_lora.launch
     (TF_CONFIG on 127.0.0.1), half of every batch each, a strategy.run
-    loop: the same losses and adapters as one worker (1e-5); one file."""
+    loop: the same losses and adapters as one worker (1e-5); one adapter
+    file and one `.keras` file, which loads in one process."""
     multi, single = tmp_path / "multi", tmp_path / "single"
     multi.mkdir()
     single.mkdir()
@@ -250,12 +253,25 @@ def test_tf_two_workers_match_one_worker(tmp_path):
             ulps=84,
             scale=1.0,
         )
-    assert sorted(os.listdir(multi)) == ["tf-2.safetensors"]
+    assert sorted(os.listdir(multi)) == ["tf-2.keras", "tf-2.safetensors"]
     multi_file = load_file(str(multi / "tf-2.safetensors"))
     single_file = load_file(str(single / "tf-1.safetensors"))
     assert sorted(multi_file) == sorted(single_file)
     for key, value in single_file.items():
         assert_close(multi_file[key], value, ulps=84, scale=1.0)
+    # The `.keras` file worker 0 wrote loads here, with the same weights.
+    loaded = keras.saving.load_model(str(multi / "tf-2.keras"))
+    expected = keras.saving.load_model(str(single / "tf-1.keras"))
+    assert [w.path for w in loaded.weights] == [
+        w.path for w in expected.weights
+    ]
+    for got, want in zip(loaded.weights, expected.weights, strict=True):
+        assert_close(
+            keras.ops.convert_to_numpy(got),
+            keras.ops.convert_to_numpy(want),
+            ulps=84,
+            scale=1.0,
+        )
 
 
 @pytest.mark.skipif(
