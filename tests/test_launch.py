@@ -14,6 +14,9 @@ import pytest
 from keras_lora.launch import launch
 from keras_lora.launch import process_environments
 
+# Bounded in time: scripts/test.sh runs these alone, after the rest.
+pytestmark = pytest.mark.processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -23,6 +23,9 @@ from safetensors.numpy import load_file
 
 import keras_lora  # noqa: F401 - loads the .keras files
 
+# Bounded in time: scripts/test.sh runs these alone, after the rest.
+pytestmark = pytest.mark.processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TF_WORKER = os.path.join(ROOT, "tests", "multiprocess_tf_worker.py")
 RESTART = os.path.join(ROOT, "tests", "multiprocess_jax_restart.py")
