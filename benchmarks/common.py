@@ -73,6 +73,16 @@ GEMMA_CONFIGS = {
         intermediate_dim=8192,
         head_dim=128,
     ),
+    # About 1.0 B parameters (4.0 GB in float32), built from its config.
+    "gemma_1b": dict(
+        vocabulary_size=32000,
+        num_layers=14,
+        num_query_heads=8,
+        num_key_value_heads=8,
+        hidden_dim=2048,
+        intermediate_dim=16384,
+        head_dim=256,
+    ),
 }
 
 #: keras-hub `BertBackbone` configs (random init) exercising the MiniLM code

@@ -1,5 +1,6 @@
-"""Memory of `apply_lora` on a ~234 M parameter model, parameter counts, and
-adapter file size vs full model file size.
+"""Memory and time of `apply_lora` and `merge` on Gemma models of 234 M and
+1 B parameters, parameter counts, and adapter file size vs full model file
+size.
 
 Runs in its own process (one per backend, as `benchmarks.run_all` starts
 it). The resident set size (VmRSS, from /proc/self/status) is read after the
@@ -8,7 +9,11 @@ parameters, and around `keras_lora.apply_lora(backbone, rank, targets=["query",
 "value"])`, whose peak is read from VmHWM after resetting it through
 /proc/self/clear_refs. Target: the peak growth during `apply_lora` is the
 adapters plus less than 5 % of the model's weights (the clone shares the base
-variables; nothing is copied).
+variables; nothing is copied), in less than 0.2 of the time it took to build
+the model. Then `keras_lora.merge` of the adapted model, peak the same way:
+target at most the adapted layers' kernels once (the merged model's new
+kernels; every other variable is shared). The 1 B model (`--size full`) is
+built from its config, random init, no weights file.
 
     KERAS_BACKEND=jax python -m benchmarks.memory
 """
@@ -21,9 +26,9 @@ import time
 from benchmarks import common
 
 SIZES = {
-    "smoke": dict(model="gemma_smoke", rank=4),
-    "quick": dict(model="gemma_234m", rank=8),
-    "full": dict(model="gemma_234m", rank=8),
+    "smoke": dict(model=("gemma_smoke",), rank=4),
+    "quick": dict(model=("gemma_234m",), rank=8),
+    "full": dict(model=("gemma_234m", "gemma_1b"), rank=8),
 }
 
 TARGET_OVERHEAD_PERCENT = 5.0
@@ -73,6 +78,25 @@ def measure(name, rank, dtype="float32"):
         adapter_file_bytes = os.path.getsize(adapter_file)
         model_file_bytes = os.path.getsize(model_file)
 
+    # merge: new kernels for the adapted layers, every other variable shared.
+    adapted_kernels = [
+        layer.kernel for layer in keras_lora.lora_layers(lora).values()
+    ]
+    adapted_kernels_bytes = common.variables_bytes(adapted_kernels)
+    gc.collect()
+    common.reset_peak_rss()
+    rss_before_merge = common.rss_bytes()
+    start = time.perf_counter()
+    merged = keras_lora.merge(lora)
+    merge_s = time.perf_counter() - start
+    merge_peak = common.peak_rss_bytes()
+    in_lora = {id(v) for v in lora.weights}
+    merged_new_bytes = common.variables_bytes(
+        [v for v in merged.weights if id(v) not in in_lora]
+    )
+    del merged
+    gc.collect()
+
     # Keras's built-in LoRA on the same layers of the original model, for the
     # trainable parameter count (after the files are written).
     backbone.enable_lora(rank)
@@ -108,6 +132,14 @@ def measure(name, rank, dtype="float32"):
         / weights_bytes,
         "meets_target": (peak_growth - adapter_bytes)
         < TARGET_OVERHEAD_PERCENT / 100 * weights_bytes,
+        "apply_vs_build": apply_s / build_s,
+        "merge_s": merge_s,
+        "merge_vs_build": merge_s / build_s,
+        "adapted_kernels_bytes": adapted_kernels_bytes,
+        "merge_new_variables_bytes": merged_new_bytes,
+        "merge_peak_growth_mib": (merge_peak - rss_before_merge) / mib,
+        "merge_peak_vs_adapted_kernels": (merge_peak - rss_before_merge)
+        / adapted_kernels_bytes,
         "trainable_params": {
             "keras_lora": report["trainable_params"],
             "builtin": builtin_trainable,
@@ -129,7 +161,9 @@ def run(size="full", device="cpu", dtype="float32"):
         "benchmark": "memory",
         "size": size,
         "machine": common.machine_info(device),
-        "results": [measure(spec["model"], spec["rank"], dtype)],
+        "results": [
+            measure(name, spec["rank"], dtype) for name in spec["model"]
+        ],
     }
 
 
@@ -143,6 +177,8 @@ def print_result(result):
         "apply peak +MiB",
         "adapters MiB",
         "overhead %",
+        "apply / build time",
+        "merge peak / adapted kernels",
         "trainable lora/builtin/full",
         "adapter file / model file",
     ]
@@ -157,6 +193,8 @@ def print_result(result):
                 f"{row['apply_peak_growth_mib']:.1f}",
                 f"{row['adapter_bytes'] / 2**20:.2f}",
                 f"{row['apply_peak_overhead_percent']:.2f}",
+                f"{row['apply_vs_build']:.3f}",
+                f"{row['merge_peak_vs_adapted_kernels']:.2f}",
                 f"{t['keras_lora']:,} / {t['builtin']:,} / {t['full']:,}",
                 f"{row['adapter_file_bytes']:,} / {row['model_file_bytes']:,} "
                 f"({100 * row['file_ratio']:.3f} %)",
@@ -165,12 +203,70 @@ def print_result(result):
     common.print_table(header, rows)
 
 
+def table(out_dir="benchmarks/results", device="cpu"):
+    """The Markdown table of `memory_<backend>_<device>.json` in `out_dir`:
+    one row per backend and model."""
+    import json
+
+    lines = [
+        "| backend | model | params | weights MiB | build s | apply_lora s "
+        "| **apply / build** | apply peak growth MiB (adapters) "
+        "| **overhead % of weights** | merge s | adapted kernels MiB "
+        "| merge peak growth MiB | **merge peak / adapted kernels** "
+        "| adapter file / model file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    found = False
+    for backend in ("jax", "tensorflow", "torch"):
+        path = os.path.join(out_dir, f"memory_{backend}_{device}.json")
+        if not os.path.exists(path):
+            continue
+        found = True
+        with open(path) as f:
+            result = json.load(f)
+        for row in result["results"]:
+            cells = [
+                backend,
+                f"{row['model']} ({row['dtype']})",
+                f"{row['total_params']:,}",
+                f"{row['weights_bytes'] / 2**20:.0f}",
+                f"{row['build_s']:.1f}",
+                f"{row['apply_lora_s']:.1f}",
+                f"**{row['apply_vs_build']:.2f}**",
+                f"{row['apply_peak_growth_mib']:.1f} "
+                f"({row['adapter_bytes'] / 2**20:.2f})",
+                f"**{row['apply_peak_overhead_percent']:.2f}**",
+                f"{row['merge_s']:.1f}",
+                f"{row['adapted_kernels_bytes'] / 2**20:.0f}",
+                f"{row['merge_peak_growth_mib']:.0f}",
+                f"**{row['merge_peak_vs_adapted_kernels']:.2f}**",
+                f"{100 * row['file_ratio']:.3f} %",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    if not found:
+        raise ValueError(
+            f"No memory_<backend>_{device}.json in {out_dir!r}: run "
+            "`python -m benchmarks.memory` first. Received: "
+            f"out_dir={out_dir!r}, device={device!r}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32"
     )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="print the Markdown table of the JSON results in --out and exit",
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        text = table(args.out, args.device)
+        print(text, end="")
+        return text
     common.setup_device(args.device)
     result = run(args.size, args.device, args.dtype)
     print_result(result)

@@ -183,6 +183,17 @@ def test_memory_shares_base_weights(results):
     )
     assert row["adapted_layers"] == 2 * config["num_layers"]
     assert row["adapter_file_bytes"] > row["adapter_bytes"]
+    # merge creates the adapted layers' kernels and shares everything else.
+    assert row["merge_new_variables_bytes"] == row["adapted_kernels_bytes"]
+    q = config["hidden_dim"] * config["num_query_heads"] * config["head_dim"]
+    kv = (
+        config["hidden_dim"]
+        * config["num_key_value_heads"]
+        * config["head_dim"]
+    )
+    assert row["adapted_kernels_bytes"] == 4 * config["num_layers"] * (q + kv)
+    for key in ("apply_vs_build", "merge_vs_build", "merge_s"):
+        assert _positive_finite(row[key])
     assert row["model_file_bytes"] > row["weights_bytes"]
     assert _positive_finite(row["file_ratio"])
     assert row["rss_peak_during_apply_mib"] >= row["rss_before_apply_mib"] > 0
@@ -376,6 +387,14 @@ def test_adapter_serving_never_recompiles_and_mixed_equals_merged(tmp_path):
     assert os.path.exists(
         tmp_path / f"adapters_{keras.backend.backend()}_{DEVICE}.json"
     )
+
+
+def test_performance_page_memory_table_is_the_scripts():
+    """docs/performance.md shows exactly `benchmarks.memory.table()` of the
+    JSON in benchmarks/results."""
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        page = f.read()
+    assert memory.table(os.path.join(ROOT, "benchmarks", "results")) in page
 
 
 def test_performance_page_adapter_table_is_the_scripts():
