@@ -257,29 +257,17 @@ def print_result(result):
     common.print_table(header, rows)
 
 
-BACKENDS = ("jax", "tensorflow", "torch")
-
-
 def table(out_dir="benchmarks/results", device="cpu"):
     """The Markdown table of `adapters_<backend>_<device>.json` in
     `out_dir`: one row per backend and model."""
-    import json
-    import os
-
     lines = [
         "| backend | model | batch x seq | switch + predict / predict "
         "| recompiled | mixed / one adapter | mixed / merged each "
         "| compiled as |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    found = False
-    for backend in BACKENDS:
-        path = os.path.join(out_dir, f"adapters_{backend}_{device}.json")
-        if not os.path.exists(path):
-            continue
-        found = True
-        with open(path) as f:
-            result = json.load(f)
+    results = common.results_by_backend(out_dir, "adapters", device)
+    for backend, result in results.items():
         for row in result["results"]:
             switch, mixed = row["switch"], row["mixed"]
             cells = [
@@ -293,12 +281,6 @@ def table(out_dir="benchmarks/results", device="cpu"):
                 mixed["compiled"],
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    if not found:
-        raise ValueError(
-            f"No adapters_<backend>_{device}.json in {out_dir!r}: run "
-            "`python -m benchmarks.adapters` first. Received: "
-            f"out_dir={out_dir!r}, device={device!r}"
-        )
     return "\n".join(lines) + "\n"
 
 

@@ -630,3 +630,25 @@ def print_table(header, rows):
     print(fmt_row(["-" * w for w in widths], widths))
     for row in rows:
         print(fmt_row(row, widths))
+
+
+def results_by_backend(out_dir, script, device):
+    """`{backend: result}` of each `<script>_<backend>_<device>.json` in
+    `out_dir` (jax, tensorflow, torch order).
+
+    Raises:
+        ValueError: none of them exists.
+    """
+    results = {}
+    for backend in ("jax", "tensorflow", "torch"):
+        path = os.path.join(out_dir, f"{script}_{backend}_{device}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[backend] = json.load(f)
+    if not results:
+        raise ValueError(
+            f"No {script}_<backend>_{device}.json in {out_dir!r}: run "
+            f"`python -m benchmarks.{script}` first. Received: "
+            f"out_dir={out_dir!r}, device={device!r}"
+        )
+    return results

@@ -13,8 +13,6 @@ rounds, median of the per-round ratios.
     python -m benchmarks.layers --table   # Markdown from the JSON results
 """
 
-import json
-import os
 import statistics
 
 from benchmarks import common
@@ -161,24 +159,10 @@ def run(size="quick", device="cpu"):
     }
 
 
-BACKENDS = ("jax", "tensorflow", "torch")
-
-
 def table(out_dir="benchmarks/results", device="cpu"):
     """The Markdown table of `layers_<backend>_<device>.json` in `out_dir`:
     one row per layer kind, the LoRA / plain step ratio per backend."""
-    results = {}
-    for backend in BACKENDS:
-        path = os.path.join(out_dir, f"layers_{backend}_{device}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[backend] = json.load(f)
-    if not results:
-        raise ValueError(
-            f"No layers_<backend>_{device}.json in {out_dir!r}: run "
-            "`python -m benchmarks.layers` first. Received: "
-            f"out_dir={out_dir!r}, device={device!r}"
-        )
+    results = common.results_by_backend(out_dir, "layers", device)
     first = next(iter(results.values()))
     header = ["layer", "kernel", "input", "trainable LoRA / plain"] + [
         f"{b} lora / plain (plain ms)" for b in results

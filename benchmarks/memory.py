@@ -206,8 +206,6 @@ def print_result(result):
 def table(out_dir="benchmarks/results", device="cpu"):
     """The Markdown table of `memory_<backend>_<device>.json` in `out_dir`:
     one row per backend and model."""
-    import json
-
     lines = [
         "| backend | model | params | weights MiB | build s | apply_lora s "
         "| **apply / build** | apply peak growth MiB (adapters) "
@@ -216,14 +214,8 @@ def table(out_dir="benchmarks/results", device="cpu"):
         "| adapter file / model file |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    found = False
-    for backend in ("jax", "tensorflow", "torch"):
-        path = os.path.join(out_dir, f"memory_{backend}_{device}.json")
-        if not os.path.exists(path):
-            continue
-        found = True
-        with open(path) as f:
-            result = json.load(f)
+    results = common.results_by_backend(out_dir, "memory", device)
+    for backend, result in results.items():
         for row in result["results"]:
             cells = [
                 backend,
@@ -243,12 +235,6 @@ def table(out_dir="benchmarks/results", device="cpu"):
                 f"{100 * row['file_ratio']:.3f} %",
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    if not found:
-        raise ValueError(
-            f"No memory_<backend>_{device}.json in {out_dir!r}: run "
-            "`python -m benchmarks.memory` first. Received: "
-            f"out_dir={out_dir!r}, device={device!r}"
-        )
     return "\n".join(lines) + "\n"
 
 
