@@ -276,6 +276,52 @@ def reset_peak_rss():
     return peak_rss_bytes() <= rss_bytes() + 4 * 2**20
 
 
+MMAP_THRESHOLD_BYTES = 2**20
+_mmap_threshold = None
+
+
+def mmap_threshold():
+    """The threshold `release_freed_memory` set in this process, or None."""
+    return _mmap_threshold
+
+
+def release_freed_memory():
+    """Makes glibc's `malloc` serve every allocation of 1 MiB or more with
+    its own `mmap`, returned to the system when freed, so that the resident
+    set size follows the memory in use. By default the threshold adapts:
+    once a large block is freed, blocks up to 32 MiB come from the heap,
+    whose freed memory stays resident, and RSS then counts temporaries long
+    after they are gone. Call it at the start of a benchmark's own process
+    (it stays for the process's life); returns True where it was set
+    (glibc), False elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    global _mmap_threshold
+    m_mmap_threshold = -3  # <malloc.h>
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        done = bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+    if done:
+        _mmap_threshold = MMAP_THRESHOLD_BYTES
+    return done
+
+
+def materialize(variables):
+    """Waits until every variable's value exists. JAX dispatches the
+    initializers asynchronously, so a model's constructor returns before its
+    weights (and the initializers' temporary buffers) are in memory; TensorFlow
+    and PyTorch compute them eagerly on the CPU."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jax.block_until_ready([v.value for v in variables])
+
+
 def variables_bytes(variables):
     """Bytes held by Keras variables, counting shared ones once."""
     seen, total = set(), 0

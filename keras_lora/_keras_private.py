@@ -188,6 +188,23 @@ def track_variable(layer, variable):
     layer._track_variable(variable)
 
 
+def _cache_attr_skipset(obj_type):
+    """Keras 3.15's `saving_lib.get_attr_skipset` stores the attribute
+    skip-set it computes under the key `saving_attr_skipset_<type>` but
+    looks it up under `saving_attr_skiplist_<type>`, so every call builds a
+    reference `Layer` and lists its attributes again (most of a model walk's
+    time). Stores it where the lookup finds it; a Keras that caches it
+    itself is left alone."""
+    from keras.src.backend.common import global_state
+    from keras.src.saving import saving_lib
+
+    key = f"saving_attr_skiplist_{obj_type}"
+    if global_state.get_global_attribute(key, None) is None:
+        skipset = saving_lib.get_attr_skipset(obj_type)
+        if global_state.get_global_attribute(key, None) is None:
+            global_state.set_global_attribute(key, skipset)
+
+
 def saveable_tree(root, list_name):
     """Yields `(path, obj)` for every Keras saveable under `root`.
 
@@ -204,6 +221,7 @@ def saveable_tree(root, list_name):
     from keras.src.saving.keras_saveable import KerasSaveable
 
     visited = set()
+    skipsets = set()
 
     def join(path, name):
         return f"{path}/{name}" if path else name
@@ -220,6 +238,10 @@ def saveable_tree(root, list_name):
             return
         visited.add(id(obj))
         yield path, obj
+        obj_type = obj._obj_type()
+        if obj_type not in skipsets:
+            _cache_attr_skipset(obj_type)
+            skipsets.add(obj_type)
         for attr, child in saving_lib._walk_saveable(obj):
             if isinstance(child, KerasSaveable):
                 yield from visit(child, join(path, attr))

@@ -68,6 +68,12 @@ class _VariableIndex:
         return candidates[0]
 
 
+def _resolve(value):
+    """A value of `clone_model_sharing_variables`'s `values`: an array, or
+    a function of no arguments that returns one when it is needed."""
+    return value() if callable(value) else value
+
+
 def _reusing_variables(index, values, stand_ins):
     """A scope in which `Layer.add_weight` returns the model's variable that
     `index` proposes for the new variable's path, or (for variables in
@@ -87,7 +93,7 @@ def _reusing_variables(index, values, stand_ins):
             return create(self, *args, **kwargs)
         if id(variable) in values:
             value = values[id(variable)]
-            kwargs["initializer"] = lambda shape, dtype=None: value
+            kwargs["initializer"] = lambda shape, dtype=None: _resolve(value)
             new = create(self, *args, **kwargs)
             stand_ins[id(new)] = id(variable)
             return new
@@ -160,14 +166,15 @@ def _rebuild_layer(path, layer, source, values, swaps, problems):
             swaps[id(mine)] = other
 
 
-def _share_structurally(model, clone, values, stand_ins, hint, rebuilt):
+def _share_structurally(
+    model, clone, originals, copies, values, stand_ins, hint, rebuilt
+):
     """Makes every clone layer hold the model's variable at the same stable
-    path (`keras_lora.walk`), with shape checks; variables in `values` get
+    path (`keras_lora.walk`; `originals` and `copies` are the two models'
+    `stable_layer_paths`), with shape checks; variables in `values` get
     a new variable of the clone holding the value instead; layers in
     `rebuilt` (by id of the model's layer) get their own variables
     (`_rebuild_layer`)."""
-    originals = stable_layer_paths(model)
-    copies = stable_layer_paths(clone)
     shared = {id(v) for v in model.weights}
     swaps = {}
     problems = []
@@ -202,7 +209,7 @@ def _share_structurally(model, clone, values, stand_ins, hint, rebuilt):
             if id(theirs) in values:
                 if stand_ins.get(id(mine)) == id(theirs):
                     continue
-                value = values[id(theirs)]
+                value = _resolve(values[id(theirs)])
                 if id(mine) in stand_ins or id(mine) not in shared:
                     mine.assign(value)
                     stand_ins[id(mine)] = id(theirs)
@@ -239,15 +246,15 @@ def _share_structurally(model, clone, values, stand_ins, hint, rebuilt):
         )
 
 
-def _keep_quantizers(model, clone):
+def _keep_quantizers(originals, copies):
     """Gives each quantized layer of the clone its original's input
     quantizer and quantization config, which a keras-hub model's config
     does not hold: rebuilt from it, Keras 3.15 gives an int4
     `ReversibleEmbedding` an int8 input quantizer the original (quantized by
     `model.quantize("int4")`) does not have, and the logits change (a
-    `.keras` save and load of such a model changes them the same way)."""
-    copies = stable_layer_paths(clone)
-    for path, layer in stable_layer_paths(model).items():
+    `.keras` save and load of such a model changes them the same way).
+    `originals` and `copies` are the two models' `stable_layer_paths`."""
+    for path, layer in originals.items():
         mine = copies.get(path)
         if mine is None or getattr(layer, "quantization_mode", None) is None:
             continue
@@ -269,9 +276,11 @@ def clone_model_sharing_variables(
         model: a built `keras.Model` whose `get_config` rebuilds it (functional,
             sequential, keras-hub tasks and backbones, subclassed models with
             `get_config`). A keras-hub task's preprocessor is reused as is.
-        values: optional `{id(variable): array}` for variables of `model`
+        values: optional `{id(variable): value}` for variables of `model`
             that are new in the clone and hold the given values (used by
-            `merge`).
+            `merge`); a value is an array, or a function of no arguments
+            that returns it, called when the clone's variable is created (so
+            that not every value has to exist at once).
         config_transform: optional function applied to the serialized model
             (a dict) before it is deserialized (used by `merge` to turn
             keras_lora layer configs into their base layer configs).
@@ -328,9 +337,13 @@ def clone_model_sharing_variables(
                 build_config = model.get_build_config()
                 if build_config:
                     clone.build_from_config(build_config)
-        _share_structurally(model, clone, values, stand_ins, hint, rebuilt)
+        originals = stable_layer_paths(model)
+        copies = stable_layer_paths(clone)
+        _share_structurally(
+            model, clone, originals, copies, values, stand_ins, hint, rebuilt
+        )
         _keras_private.pin_quantized_policies(_all_layers(clone, ()))
-        _keep_quantizers(model, clone)
+        _keep_quantizers(originals, copies)
     finally:
         for variable, trainable in flags:
             variable.trainable = trainable

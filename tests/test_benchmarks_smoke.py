@@ -28,8 +28,10 @@ from benchmarks import lora_branch  # noqa: E402
 from benchmarks import memory  # noqa: E402
 from benchmarks import profile_step  # noqa: E402
 from benchmarks import quantized  # noqa: E402
+from benchmarks import remat  # noqa: E402
 from benchmarks import run_all  # noqa: E402
 from benchmarks import scaling  # noqa: E402
+from benchmarks import train_memory  # noqa: E402
 from benchmarks import train_step  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -192,6 +194,8 @@ def test_memory_shares_base_weights(results):
         * config["head_dim"]
     )
     assert row["adapted_kernels_bytes"] == 4 * config["num_layers"] * (q + kv)
+    assert row["largest_adapted_kernel_bytes"] == 4 * max(q, kv)
+    assert math.isfinite(row["merge_excess_vs_largest_kernel"])
     for key in ("apply_vs_build", "merge_vs_build", "merge_s"):
         assert _positive_finite(row[key])
     assert row["model_file_bytes"] > row["weights_bytes"]
@@ -436,6 +440,85 @@ def test_quantized_bases_shrink_the_weights_and_report_the_merge(tmp_path):
     assert memory["float32"]["step_peak_vs_float32"] == 1.0
     assert memory["int4"]["weights_bytes"] == row["int4"]["weights_bytes"]
     assert quantized.memory_table(str(tmp_path)).count("\n") == 2 + 3
+
+
+def test_train_memory_measures_each_variant_in_its_own_process(tmp_path):
+    """Full fine-tuning, the built-in LoRA and keras_lora, each in a fresh
+    process: keras_lora trains the fewest bytes, every peak is above the
+    built model, and the ratios and the table come from those numbers."""
+    result = train_memory.main([*SMOKE, "--out", str(tmp_path)])
+    path = tmp_path / f"train_memory_{keras.backend.backend()}_{DEVICE}.json"
+    with open(path) as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    (row,) = result["results"]
+    runs = row["variants"]
+    assert set(runs) == {"full", "builtin", "keras_lora"}
+    trainable = {v: runs[v]["trainable_bytes"] for v in runs}
+    assert trainable["keras_lora"] < trainable["builtin"] < trainable["full"]
+    for r in runs.values():
+        assert r["rss_imports"] < r["rss_model"] <= r["first_step_peak"]
+        assert r["rss_model"] < r["step_peak"]
+        assert r["rss_model"] < r["fit_peak"]
+        assert r["allocator_peak"] is None or r["allocator_peak"] > 0
+    ours, full = runs["keras_lora"], runs["full"]
+    assert row["keras_lora_vs_full_fit_peak"] == (
+        (ours["fit_peak"] - ours["rss_imports"])
+        / (full["fit_peak"] - full["rss_imports"])
+    )
+    assert isinstance(row["meets_target"], bool)
+    assert train_memory.table(str(tmp_path)).count("\n") == 2 + 1
+
+
+def test_performance_page_train_memory_table_is_the_scripts():
+    """docs/performance.md shows exactly `benchmarks.train_memory.table()`
+    of the JSON in benchmarks/results."""
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        page = f.read()
+    results = os.path.join(ROOT, "benchmarks", "results")
+    assert train_memory.table(results) in page
+
+
+def test_remat_measures_both_variants_at_each_length(tmp_path):
+    """The remat variant's decoder blocks keep their remat mode through
+    apply_lora (the other's have none); each length has both peaks, both
+    step times and their ratios. On TensorFlow, Keras's remat of a layer
+    called with keyword arguments fails inside `tf.function`, with or
+    without keras_lora: the result says so."""
+    result = remat.main([*SMOKE, "--out", str(tmp_path)])
+    assert [row["seq_len"] for row in result["results"]] == [8]
+    (row,) = result["results"]
+    runs = row["variants"]
+    assert runs["remat"]["remat_mode_on_every_block"] is True
+    assert runs["no_remat"]["remat_mode_on_every_block"] is False
+    assert runs["no_remat"]["training_peak_bytes"] > 0
+    assert isinstance(result["meets_target"], bool)
+    assert remat.table(str(tmp_path)).count("\n") == 2 + 1
+    if keras.backend.backend() == "tensorflow":
+        error = runs["remat"]["error"]
+        assert "custom_gradient" in error
+        assert runs["remat"]["error_without_keras_lora"] == error
+        assert result["remat_trains"] is False
+        assert "fails" in remat.table(str(tmp_path))
+        return
+    assert result["remat_trains"] is True
+    for r in runs.values():
+        assert r["training_peak_bytes"] >= r["resting_bytes"] > 0
+    assert row["training_peak_ratio"] == (
+        runs["remat"]["training_peak_bytes"]
+        / runs["no_remat"]["training_peak_bytes"]
+    )
+    assert _positive_finite(row["step_peak_ratio"])
+    assert _positive_finite(row["time_ratio"]["median"])
+    assert set(row["step_time"]) == {"remat", "no_remat"}
+
+
+def test_performance_page_remat_table_is_the_scripts():
+    """docs/performance.md shows exactly `benchmarks.remat.table()` of the
+    JSON in benchmarks/results."""
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        page = f.read()
+    results = os.path.join(ROOT, "benchmarks", "results")
+    assert remat.table(results) in page
 
 
 def test_quantization_page_table_is_the_scripts():

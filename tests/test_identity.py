@@ -61,6 +61,23 @@ def test_stable_paths_ignore_auto_numbered_names():
     assert "layers/block/query" in stable_layer_paths(first)
 
 
+def test_walk_caches_keras_attribute_skipset_without_changing_paths():
+    """Keras 3.15 looks the saving walk's attribute skip-set up under
+    another key than it stores it, so each visited layer rebuilt it; the
+    walk stores it where the lookup finds it. Same paths with a cold and a
+    warm cache, and the cached set is Keras's own."""
+    from keras.src.backend.common import global_state
+    from keras.src.saving import saving_lib
+
+    keras.backend.clear_session()
+    expected = saving_lib.get_attr_skipset("Layer")  # computed afresh
+    assert "_self_unconditional_dependency_names" in expected
+    cold = list(stable_layer_paths(_block_model()))
+    cached = global_state.get_global_attribute("saving_attr_skiplist_Layer")
+    assert cached == expected
+    assert list(stable_layer_paths(_block_model())) == cold
+
+
 def test_clone_with_auto_numbered_sublayers_shares_every_variable(rng):
     """The clone rebuilds `Block` with new numbers; it still shares every
     base variable (matched by structure, never by name) and merge works."""
