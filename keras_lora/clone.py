@@ -68,12 +68,6 @@ class _VariableIndex:
         return candidates[0]
 
 
-def _resolve(value):
-    """A value of `clone_model_sharing_variables`'s `values`: an array, or
-    a function of no arguments that returns one when it is needed."""
-    return value() if callable(value) else value
-
-
 def _reusing_variables(index, values, stand_ins):
     """A scope in which `Layer.add_weight` returns the model's variable that
     `index` proposes for the new variable's path, or (for variables in
@@ -93,7 +87,7 @@ def _reusing_variables(index, values, stand_ins):
             return create(self, *args, **kwargs)
         if id(variable) in values:
             value = values[id(variable)]
-            kwargs["initializer"] = lambda shape, dtype=None: _resolve(value)
+            kwargs["initializer"] = lambda shape, dtype=None: value
             new = create(self, *args, **kwargs)
             stand_ins[id(new)] = id(variable)
             return new
@@ -209,7 +203,7 @@ def _share_structurally(
             if id(theirs) in values:
                 if stand_ins.get(id(mine)) == id(theirs):
                     continue
-                value = _resolve(values[id(theirs)])
+                value = values[id(theirs)]
                 if id(mine) in stand_ins or id(mine) not in shared:
                     mine.assign(value)
                     stand_ins[id(mine)] = id(theirs)
@@ -276,11 +270,9 @@ def clone_model_sharing_variables(
         model: a built `keras.Model` whose `get_config` rebuilds it (functional,
             sequential, keras-hub tasks and backbones, subclassed models with
             `get_config`). A keras-hub task's preprocessor is reused as is.
-        values: optional `{id(variable): value}` for variables of `model`
+        values: optional `{id(variable): array}` for variables of `model`
             that are new in the clone and hold the given values (used by
-            `merge`); a value is an array, or a function of no arguments
-            that returns it, called when the clone's variable is created (so
-            that not every value has to exist at once).
+            `merge`).
         config_transform: optional function applied to the serialized model
             (a dict) before it is deserialized (used by `merge` to turn
             keras_lora layer configs into their base layer configs).

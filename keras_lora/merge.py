@@ -1,9 +1,6 @@
 """Model-level merge, unload and in-place merge of LoRA adapters."""
 
-import functools
-
 import keras
-from keras import ops
 
 from keras_lora import _keras_private
 from keras_lora.clone import clone_model_sharing_variables
@@ -80,34 +77,6 @@ def _merged_values(path, layer):
         return layer.merged_values()
     except ValueError as e:
         raise ValueError(f"Cannot merge layer {path!r}: {e}") from None
-
-
-class _LazyMergedValues:
-    """One layer's merged values (`layer.merged_values()`), computed when
-    the merged model creates the first of its variables, so that at most
-    one layer's merged kernels exist beside the merged model's variables.
-
-    Each value is handed out once and then dropped; asked again, the layer's
-    values are computed again. A `ValueError` (a non-finite merged weight)
-    is recorded in `errors` and zeros are returned, so that `merge` raises
-    it, unwrapped, once the clone is built (and thrown away).
-    """
-
-    def __init__(self, path, layer, errors):
-        self.path = path
-        self.layer = layer
-        self.errors = errors
-        self.ready = {}
-
-    def value(self, name):
-        if name not in self.ready:
-            try:
-                self.ready = dict(_merged_values(self.path, self.layer))
-            except ValueError as e:
-                self.errors.append(e)
-                variable = self.layer.base_weights()[name]
-                return ops.zeros(variable.shape, variable.dtype)
-        return self.ready.pop(name)
 
 
 # Keras's quantized dtype policies, serialized.
@@ -203,9 +172,7 @@ def merge(model: keras.Model, dequantize: bool = False) -> keras.Model:
     keras-hub `GemmaCausalLM` keeps `generate()`), holds no keras_lora layer
     or variable, and saves to a `.keras` file that loads with
     `keras.saving.load_model` without keras_lora. The merged weights are new
-    variables, each computed when the merged model creates it (so that the
-    memory merge takes is those variables plus one layer's temporaries); all
-    other weights are shared with `model` (not copied).
+    variables; all other weights are shared with `model` (not copied).
     `model` itself is not changed and can keep training.
 
     On a quantized base (QLoRA: int8 / int4 layers from Keras's
@@ -257,7 +224,6 @@ def merge(model: keras.Model, dequantize: bool = False) -> keras.Model:
     rebuilt = _dequantized_layers(model, layers) if dequantize else {}
     values = {}
     reports = {}
-    errors = []
     for path, layer in layers.items():
         if id(layer) in rebuilt:
             continue
@@ -269,12 +235,10 @@ def merge(model: keras.Model, dequantize: bool = False) -> keras.Model:
                 raise ValueError(f"Cannot merge layer {path!r}: {e}") from None
             if any(r["update_relative_error"] for r in report.values()):
                 reports[path] = report
-            for name, value in merged.items():
-                values[id(base[name])] = value
         else:
-            lazy = _LazyMergedValues(path, layer, errors)
-            for name in layer.adapted_weight_names():
-                values[id(base[name])] = functools.partial(lazy.value, name)
+            merged = _merged_values(path, layer)
+        for name, value in merged.items():
+            values[id(base[name])] = value
     transform = _plain_configs
     if rebuilt:
 
@@ -288,8 +252,6 @@ def merge(model: keras.Model, dequantize: bool = False) -> keras.Model:
         hint=_IN_PLACE_HINT,
         rebuilt=rebuilt,
     )
-    if errors:
-        raise errors[0]
     if reports:
         quantized.warn_requantization(reports)
     return merged_model

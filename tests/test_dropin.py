@@ -238,19 +238,6 @@ def test_outputs_and_shapes_equal_the_plain_layers(rng, name):
     assert tuple(lora(x).shape) == tuple(plain_spec.shape)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_adapted_weight_names_are_the_deltas_keys(rng, name):
-    """`merge` creates the merged model's variables from
-    `adapted_weight_names()` before any delta is computed: the names must
-    be exactly the weights `weight_deltas()` gives, with their shapes."""
-    _, lora, _ = pair(name, rng, default_adapters=True)
-    deltas = lora.weight_deltas()
-    assert sorted(lora.adapted_weight_names()) == sorted(deltas)
-    base = lora.base_weights()
-    for weight, delta in deltas.items():
-        assert tuple(delta.shape) == tuple(base[weight].shape)
-
-
 @pytest.mark.parametrize("shape", [(3, 6), (2, 3, 6), (2, 2, 3, 6)])
 def test_dense_on_inputs_of_any_rank(rng, shape):
     """Keras's Dense contracts the last axis of an N-D input (N >= 2); so

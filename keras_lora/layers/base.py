@@ -465,16 +465,6 @@ class LoRALayer:
         """Returns `{base_weight_name: float32 s * A @ B in its shape}`."""
         raise NotImplementedError
 
-    def adapted_weight_names(self):
-        """The names of the base weights the adapters adapt: the keys of
-        `weight_deltas()`, without computing the deltas."""
-        names = []
-        for a_name, *_ in self.lora_shapes():
-            name = adapted_weight(self, a_name).name
-            if name not in names:
-                names.append(name)
-        return names
-
     def adapter_axis_groups(self, base_shape, a_ndim):
         """Which axes of the adapted base weight A's and B's axes cover.
 
