@@ -678,6 +678,29 @@ def print_table(header, rows):
         print(fmt_row(row, widths))
 
 
+def run_child(module, args, what):
+    """Runs `python -m <module> <args>` in a fresh process (a measurement
+    that needs a process of its own) and returns the JSON of the last line
+    it prints.
+
+    Raises:
+        RuntimeError: the process failed; the message says `what` failed
+            and ends with its standard error.
+    """
+    import subprocess
+    import sys
+
+    child = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if child.returncode != 0:
+        raise RuntimeError(f"The {what} failed:\n{child.stderr[-3000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def results_by_backend(out_dir, script, device):
     """`{backend: result}` of each `<script>_<backend>_<device>.json` in
     `out_dir` (jax, tensorflow, torch order).

@@ -23,8 +23,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
-import sys
 import warnings
 
 from benchmarks import common
@@ -151,27 +149,11 @@ def _memory_rows(name, size):
     rows = {}
     for mode in MODES:
         common.log(f"{name} {mode}: training memory (own process)")
-        child = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.quantized",
-                "--size",
-                size,
-                "--memory-child",
-                name,
-                mode,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
+        rows[mode] = common.run_child(
+            "benchmarks.quantized",
+            ["--size", size, "--memory-child", name, mode],
+            f"memory measurement of {name} {mode}",
         )
-        if child.returncode != 0:
-            raise RuntimeError(
-                f"The memory measurement of {name} {mode} failed:\n"
-                f"{child.stderr[-3000:]}"
-            )
-        rows[mode] = json.loads(child.stdout.strip().splitlines()[-1])
     base = rows["float32"]
     for r in rows.values():
         above = r["step_peak"] - r["rss_imports"]

@@ -21,8 +21,6 @@ length: the peak with remat <= 0.6 of without, at <= 1.35x the step time.
 
 import gc
 import json
-import subprocess
-import sys
 
 from benchmarks import common
 
@@ -136,29 +134,11 @@ def measure_time(name, seq_len, rank, steps):
 
 def _child(size, device, seq_len, what):
     common.log(f"sequence length {seq_len}, {what} (own process)")
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.remat",
-            "--size",
-            size,
-            "--device",
-            device,
-            "--child",
-            str(seq_len),
-            what,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    return common.run_child(
+        "benchmarks.remat",
+        ["--size", size, "--device", device, "--child", str(seq_len), what],
+        f"remat measurement ({what}) at sequence length {seq_len}",
     )
-    if child.returncode != 0:
-        raise RuntimeError(
-            f"The remat measurement ({what}) at sequence length {seq_len} "
-            f"failed:\n{child.stderr[-3000:]}"
-        )
-    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def run(size="quick", device="cpu"):

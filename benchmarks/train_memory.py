@@ -20,8 +20,6 @@ target: keras_lora's <= 0.40 of full fine-tuning's and below the built-in's.
 
 import gc
 import json
-import subprocess
-import sys
 
 from benchmarks import common
 
@@ -101,35 +99,20 @@ def measure(name, variant, batch_size, seq_len, rank, fit_steps, device):
     }
 
 
+def _batch_shape(size, name):
+    """`(batch_size, seq_len)` of model `name` at `size`."""
+    return next((b, s) for n, b, s in SIZES[size]["models"] if n == name)
+
+
 def _child(name, variant, size, device):
-    batch_size, seq_len = next(
-        (b, s) for n, b, s in SIZES[size]["models"] if n == name
-    )
+    batch_size, seq_len = _batch_shape(size, name)
     spec = SIZES[size]
     common.log(f"{name} / {variant}: training memory (own process)")
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.train_memory",
-            "--size",
-            size,
-            "--device",
-            device,
-            "--child",
-            name,
-            variant,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    row = common.run_child(
+        "benchmarks.train_memory",
+        ["--size", size, "--device", device, "--child", name, variant],
+        f"memory measurement of {name} / {variant}",
     )
-    if child.returncode != 0:
-        raise RuntimeError(
-            f"The memory measurement of {name} / {variant} failed:\n"
-            f"{child.stderr[-3000:]}"
-        )
-    row = json.loads(child.stdout.strip().splitlines()[-1])
     row.update(batch_size=batch_size, seq_len=seq_len, rank=spec["rank"])
     return row
 
@@ -261,9 +244,7 @@ def main(argv=None):
         common.setup_device(args.device)
         spec = SIZES[args.size]
         name, variant = args.child
-        batch_size, seq_len = next(
-            (b, s) for n, b, s in spec["models"] if n == name
-        )
+        batch_size, seq_len = _batch_shape(args.size, name)
         result = measure(
             name,
             variant,
