@@ -299,6 +299,41 @@ def memory_table(out_dir="benchmarks/results", device="cpu"):
     return "\n".join(lines) + "\n"
 
 
+def performance_table(out_dir="benchmarks/results", device="cpu"):
+    """docs/performance.md's QLoRA rows: per backend and model, the step
+    time and the training peak above the imports of an int8 and an int4
+    base as ratios to the float32 base's ("-": not measured on that model,
+    the step and memory parts use different Gemma sizes)."""
+    quantized_modes = [m for m in MODES if m != "float32"]
+    lines = [
+        "| backend | model | step x float32 (int8 / int4) | training peak x "
+        "float32 (int8 / int4) | weights x float32 (int8 / int4) |",
+        "|---|---|---|---|---|",
+    ]
+    for backend, result in _results(out_dir, device):
+        steps, memory = result["results"], result.get("memory", {})
+        for name in sorted({*steps, *memory}):
+            cells = []
+            for part, key in (
+                (steps, lambda r, m: r[m]["step_vs_float32"]["median"]),
+                (memory, lambda r, m: r[m]["step_peak_vs_float32"]),
+                (
+                    {**memory, **steps},
+                    lambda r, m: (
+                        r[m]["weights_bytes"] / r["float32"]["weights_bytes"]
+                    ),
+                ),
+            ):
+                row = part.get(name)
+                cells.append(
+                    " / ".join(f"{key(row, m):.2f}" for m in quantized_modes)
+                    if row
+                    else "-"
+                )
+            lines.append(f"| {backend} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _memory_only(args):
     import keras
 
@@ -335,6 +370,12 @@ def main(argv=None):
         help="print the Markdown table of the JSON results in --out and exit",
     )
     parser.add_argument(
+        "--performance-table",
+        action="store_true",
+        help="print docs/performance.md's QLoRA rows from the JSON results "
+        "in --out and exit",
+    )
+    parser.add_argument(
         "--memory-only",
         action="store_true",
         help="measure only the training memory and replace it in this "
@@ -354,6 +395,10 @@ def main(argv=None):
             + "\n"
             + memory_table(args.out, args.device)
         )
+        print(text, end="")
+        return text
+    if args.performance_table:
+        text = performance_table(args.out, args.device)
         print(text, end="")
         return text
     if args.memory_child:

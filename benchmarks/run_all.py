@@ -135,6 +135,42 @@ def markdown(rows):
     return "\n".join(lines) + "\n"
 
 
+README_TARGETS = {"qv": "query + value", "all_linear": "all linear"}
+README_RATIOS = (
+    "keras_lora/full",
+    "keras_lora/builtin",
+    "floor/full",
+    "keras_lora/floor",
+)
+
+
+def readme_table(out="benchmarks/results", device="cpu"):
+    """The README's performance table: MiniLM's train-step ratios from
+    `train_step_<backend>_<device>.json`, one row per target set and
+    backend (jax, torch, tensorflow)."""
+    lines = [
+        "| backend | targets | keras_lora / full fine-tune | keras_lora / "
+        "Keras built-in LoRA | floor / full | keras_lora / floor |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for targets, label in README_TARGETS.items():
+        for backend in ("jax", "torch", "tensorflow"):
+            result = load(out, "train_step", backend, device)
+            if result is None:
+                continue
+            for row in result["results"]:
+                if row["model"] != "minilm" or row["targets"] != targets:
+                    continue
+                cells = [
+                    f"{row['ratios'][key]['median']:.2f}"
+                    for key in README_RATIOS
+                ]
+                lines.append(
+                    f"| {backend} | {label} | " + " | ".join(cells) + " |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
@@ -144,11 +180,19 @@ def main(argv=None):
     )
     parser.add_argument("--markdown", help="also write the summary table here")
     parser.add_argument(
+        "--readme-table",
+        action="store_true",
+        help="print the README's performance table from the JSON in --out",
+    )
+    parser.add_argument(
         "--summary-only",
         action="store_true",
         help="only summarise the JSON already in --out",
     )
     args = parser.parse_args(argv)
+    if args.readme_table:
+        print(readme_table(args.out, args.device), end="")
+        return 0
     for name in args.benchmarks:
         if name not in BENCHMARKS:
             parser.error(f"unknown benchmark {name!r}; known: {BENCHMARKS}")

@@ -14,7 +14,7 @@ import re
 import keras
 
 from keras_lora import _keras_private
-from keras_lora.clone import clone_model_sharing_variables
+from keras_lora.clone import clone_with_layer_paths
 from keras_lora.convert import LORA_CLASSES  # noqa: F401
 from keras_lora.convert import convert_layer
 from keras_lora.convert import freeze_base
@@ -630,7 +630,11 @@ def apply_lora(
     # One walk of `model` by name path and one by stable path serve target
     # selection, `trainable_layers` and carrying the plan to the clone.
     walked = list(iter_layers(model))
-    stable = functools.cache(lambda: stable_path_of(model))
+    # The stable paths serve here and, reused, the clone (one walk each).
+    original_paths = functools.cache(lambda: stable_layer_paths(model))
+    stable = functools.cache(
+        lambda: {id(layer): path for path, layer in original_paths().items()}
+    )
     selected = _select(model, walked, stable, targets, exclude)
     for argument, mapping in (
         ("rank_pattern", rank_pattern),
@@ -697,8 +701,9 @@ def apply_lora(
                 "Use `apply_lora(..., inplace=True)`."
             )
         plan = {stable[id(selected[p])]: args for p, args in plan.items()}
-        target = clone_model_sharing_variables(model)
-        layers = stable_layer_paths(target)
+        target, layers = clone_with_layer_paths(
+            model, originals=original_paths()
+        )
     for path, (lora_class, layer_config) in plan.items():
         convert_layer(layers[path], lora_class, layer_config)
 

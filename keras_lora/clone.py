@@ -292,6 +292,28 @@ def clone_model_sharing_variables(
             or variable that `model` lacks or has with another shape, e.g. a
             subclassed model whose config does not rebuild it exactly).
     """
+    return clone_with_layer_paths(
+        model, values, config_transform, hint, rebuilt
+    )[0]
+
+
+def clone_with_layer_paths(
+    model,
+    values=None,
+    config_transform=None,
+    hint=_DEFAULT_HINT,
+    rebuilt=None,
+    originals=None,
+):
+    """`clone_model_sharing_variables`, also returning the clone's
+    `stable_layer_paths` (computed for the clone anyway).
+
+    `originals`: optional `stable_layer_paths(model)` the caller already
+    has (the model is walked once then).
+
+    Returns:
+        `(clone, stable_layer_paths(clone))`.
+    """
     rebuilt = rebuilt or {}
     own = {
         id(v)
@@ -329,7 +351,8 @@ def clone_model_sharing_variables(
                 build_config = model.get_build_config()
                 if build_config:
                     clone.build_from_config(build_config)
-        originals = stable_layer_paths(model)
+        if originals is None:
+            originals = stable_layer_paths(model)
         copies = stable_layer_paths(clone)
         _share_structurally(
             model, clone, originals, copies, values, stand_ins, hint, rebuilt
@@ -342,4 +365,4 @@ def clone_model_sharing_variables(
     if preprocessor is not None and "preprocessor" in serialized["config"]:
         with _keras_private.unlocked(clone):
             clone.preprocessor = preprocessor
-    return clone
+    return clone, copies

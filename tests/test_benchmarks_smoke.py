@@ -26,6 +26,8 @@ from benchmarks import inference  # noqa: E402
 from benchmarks import layers  # noqa: E402
 from benchmarks import lora_branch  # noqa: E402
 from benchmarks import memory  # noqa: E402
+from benchmarks import peft_compare  # noqa: E402
+from benchmarks import plot  # noqa: E402
 from benchmarks import profile_step  # noqa: E402
 from benchmarks import quantized  # noqa: E402
 from benchmarks import remat  # noqa: E402
@@ -33,6 +35,7 @@ from benchmarks import run_all  # noqa: E402
 from benchmarks import scaling  # noqa: E402
 from benchmarks import train_memory  # noqa: E402
 from benchmarks import train_step  # noqa: E402
+from benchmarks import xla_memory  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -311,6 +314,14 @@ def test_lora_branch_forms_agree(tmp_path):
         _positive_finite(v) for v in result["ms_forward_backward"].values()
     )
     assert result["vs_einsum"]["einsum"] == 1.0
+    # Query, key and value branches: separate, one fused A product, and the
+    # transposed layout (same gradients, checked inside `run`).
+    assert set(result["qkv_ms_forward_backward"]) == {
+        "separate",
+        "fused_a",
+        "transposed",
+    }
+    assert result["qkv_vs_separate"]["separate"] == 1.0
 
 
 def test_layer_table_has_every_lora_layer_kind(tmp_path):
@@ -529,3 +540,142 @@ def test_quantization_page_table_is_the_scripts():
     results = os.path.join(ROOT, "benchmarks", "results")
     assert quantized.table(results) in page
     assert quantized.memory_table(results) in page
+
+
+def test_quantized_rows_of_the_performance_page_come_from_the_json(tmp_path):
+    """The QLoRA rows: the int8 / int4 step and peak ratios and weight
+    fractions of the quantized benchmark's JSON, and they are the rows of
+    docs/performance.md."""
+    result = quantized.main([*SMOKE, "--out", str(tmp_path)])
+    rows = quantized.performance_table(str(tmp_path)).splitlines()[2:]
+    (row,) = rows
+    step = result["results"]["gemma_smoke"]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == [keras.backend.backend(), "gemma_smoke"]
+    assert cells[2] == (
+        f"{step['int8']['step_vs_float32']['median']:.2f} / "
+        f"{step['int4']['step_vs_float32']['median']:.2f}"
+    )
+    memory_row = result["memory"]["gemma_smoke"]
+    assert cells[3] == (
+        f"{memory_row['int8']['step_peak_vs_float32']:.2f} / "
+        f"{memory_row['int4']['step_peak_vs_float32']:.2f}"
+    )
+    fractions = [float(c) for c in cells[4].split(" / ")]
+    assert 0 < fractions[1] < fractions[0] < 1
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        page = f.read()
+    results = os.path.join(ROOT, "benchmarks", "results")
+    assert quantized.performance_table(results) in page
+
+
+def test_peft_compare_trains_the_same_weights_in_both_frameworks(tmp_path):
+    """On PyTorch: the same MiniLM weights in keras-hub and Hugging Face
+    compute the same function; PEFT adapts the same layers with the same
+    number of parameters as keras_lora; the floors train the same layer
+    norms. On the other backends the script refuses, naming the backend."""
+    if keras.backend.backend() != "torch":
+        with pytest.raises(RuntimeError, match="KERAS_BACKEND=torch"):
+            peft_compare.main([*SMOKE, "--out", str(tmp_path)])
+        return
+    result = peft_compare.main([*SMOKE, "--out", str(tmp_path)])
+    (row,) = result["results"]
+    assert row["forward_max_abs_difference"] < 1e-4
+    v = row["variants"]
+    assert v["peft"]["trainable_params"] == v["keras_lora"]["trainable_params"]
+    assert v["peft"]["adapted_layers"] == v["keras_lora"]["adapted_layers"]
+    assert v["hf_floor"]["trainable_params"] == v["floor"]["trainable_params"]
+    assert v["hf_full"]["trainable_params"] == v["hf_full"]["total_params"]
+    assert all(_positive_finite(r["median"]) for r in row["ratios"].values())
+    assert row["lora_cost_over_floor"]["peft"] == (
+        row["ratios"]["peft/hf_floor"]["median"] - 1
+    )
+    assert peft_compare.table(str(tmp_path)).count("\n") == 2
+
+
+def test_performance_page_peft_table_is_the_scripts():
+    """docs/performance.md shows exactly `benchmarks.peft_compare.table()`
+    of the JSON in benchmarks/results."""
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        page = f.read()
+    results = os.path.join(ROOT, "benchmarks", "results")
+    assert peft_compare.table(results) in page
+
+
+def test_plot_draws_the_json_numbers(tmp_path):
+    """The plot's series are the remat and scaling JSON's numbers, and the
+    PNG is written."""
+    results = os.path.join(ROOT, "benchmarks", "results")
+    output = tmp_path / "performance.png"
+    data = plot.plot(str(output), results)
+    with open(output, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(results, "remat_torch_cpu.json")) as f:
+        remat_torch = json.load(f)
+    torch_sequence = data["sequence"]["torch"]
+    assert torch_sequence["seq_len"] == [
+        row["seq_len"] for row in remat_torch["results"]
+    ]
+    assert torch_sequence["remat"]["peak_mib"] == [
+        row["variants"]["remat"]["training_peak_bytes"] / 2**20
+        for row in remat_torch["results"]
+    ]
+    # TensorFlow's remat fails in tf.function: only its no-remat peaks.
+    assert set(data["sequence"]["tensorflow"]) == {"seq_len", "no_remat"}
+    with open(os.path.join(results, "scaling_jax_cpu.json")) as f:
+        rows = json.load(f)["rank_sweep"]["rows"]
+    assert data["rank"]["jax"]["rank"] == [row["rank"] for row in rows]
+    assert data["rank"]["jax"]["step_s"] == [row["median_s"] for row in rows]
+
+
+def test_readme_performance_table_is_the_scripts():
+    """README.md's performance table is `benchmarks.run_all.readme_table()`
+    of the JSON in benchmarks/results, with a row per backend and target
+    set."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    results = os.path.join(ROOT, "benchmarks", "results")
+    text = run_all.readme_table(results)
+    assert text.count("\n") == 2 + 6
+    assert text in readme
+
+
+def test_performance_page_lora_branch_tables_are_the_scripts():
+    """docs/performance.md shows exactly `benchmarks.lora_branch.table()` of
+    the JSON in benchmarks/results (inside a list item, indented)."""
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        page = "\n".join(line.strip() for line in f.read().splitlines())
+    results = os.path.join(ROOT, "benchmarks", "results")
+    first, second = lora_branch.table(results).split("\n\n")
+    assert first in page
+    assert second in page
+
+
+def test_xla_memory_reads_the_compiled_programs_buffer_assignment(tmp_path):
+    """On JAX: both variants compile; the rematerialized one has one
+    `opt-barrier` per decoder block before XLA's passes and more buffers of
+    the attention matrix's size (the recomputation); the ratio and table come
+    from the numbers. Other backends are refused, naming the backend."""
+    if keras.backend.backend() != "jax":
+        with pytest.raises(RuntimeError, match="KERAS_BACKEND=jax"):
+            xla_memory.main([*SMOKE, "--out", str(tmp_path)])
+        return
+    result = xla_memory.main([*SMOKE, "--out", str(tmp_path)])
+    (row,) = result["results"]
+    no, re_ = row["variants"]["no_remat"], row["variants"]["remat"]
+    layers = common.GEMMA_CONFIGS["gemma_smoke"]["num_layers"]
+    assert re_["barriers_before"] == layers
+    assert no["barriers_before"] == 0
+    assert re_["remat_mode_on_every_block"] is True
+    assert re_["attention_buffers"] > no["attention_buffers"] > 0
+    assert row["temp_ratio"] == re_["temp_bytes"] / no["temp_bytes"]
+    assert xla_memory.table(str(tmp_path)).count("\n") == 2 + 1
+
+
+def test_performance_page_xla_memory_table_is_the_scripts():
+    """docs/performance.md shows exactly `benchmarks.xla_memory.table()` of
+    the JSON in benchmarks/results (inside a list item, indented)."""
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        page = "\n".join(line.strip() for line in f.read().splitlines())
+    results = os.path.join(ROOT, "benchmarks", "results")
+    assert xla_memory.table(results) in page
