@@ -2,21 +2,24 @@
 
 Times forward + backward (gradients for x, A and B) of the adapter branch of
 one MiniLM query projection (`"abc,cde->abde"`, x of 16 x 128 x 384, rank 8,
-output 12 heads x 32) written three ways, per backend:
+output 12 heads x 32) written four ways, per backend:
 
 - `einsum`: `einsum("abc,cr->abr")` then `einsum("abr,rde->abde")`, the
   EinsumDense equations split in two;
 - `matmul_3d`: `matmul` of the 3-D input by A, then by B, then a reshape;
 - `matmul_2d`: the input viewed as `(tokens, d_in)`, two 2-D matmuls, one
   reshape back: `keras_lora.layers.base.low_rank_matmul` itself, the form
-  the layers use.
+  the layers use;
+- `peft_layout`: the same two 2-D matmuls with the factors stored as PEFT's
+  `nn.Linear` weights (`(r, d_in)`, `(d_out, r)`) and used transposed.
 
 and the three branches of the query, key and value projections, which read
 the same input (all-linear targets), written three ways:
 
 - `separate`: three `low_rank_matmul` calls, what three adapted layers do;
-- `fused_a`: one `x @ [A_q | A_k | A_v]` product (rank 3r), split, and three
-  `(tokens, r) @ B` products;
+- `fused_a`: the three A (separate variables, as the layers hold them)
+  concatenated, one `x @ [A_q | A_k | A_v]` product (rank 3r), split, and
+  three `(tokens, r) @ B` products;
 - `transposed`: each first product as `A^T @ x^T` (rank x tokens), then
   `B^T @ (A^T x^T)` transposed back: the other memory layout.
 
@@ -64,46 +67,42 @@ def branches(rank, heads):
 
 def qkv_branches(rank, heads, compile_torch=True):
     """Forms of the query, key and value branches on one input; each takes
-    `(x, a, b)` with `a` of shape `(d_in, 3 r)` (the three A side by side)
-    and `b` of shape `(3, r, d_out)`, and returns the three outputs
-    concatenated on the last axis. `compile_torch`: add `compiled` on
-    PyTorch (Inductor compiles for tens of seconds; off at smoke size)."""
+    `(x, a_q, a_k, a_v, b_q, b_k, b_v)`, the factors as three adapted layers
+    hold them (A: `(d_in, r)`, B: `(r, d_out)`), and returns the three
+    outputs. `compile_torch`: add `compiled` on PyTorch (Inductor compiles
+    for tens of seconds; off at smoke size)."""
     import keras
     from keras import ops
 
     from keras_lora.layers.base import low_rank_matmul
 
-    def separate(x, a, b):
-        return ops.concatenate(
-            [
-                low_rank_matmul(x, a[:, i * rank : (i + 1) * rank], b[i], heads)
-                for i in range(3)
-            ],
-            axis=-1,
-        )
+    def separate(x, *factors):
+        a, b = factors[:3], factors[3:]
+        return tuple(low_rank_matmul(x, a[i], b[i], heads) for i in range(3))
 
-    def fused_a(x, a, b):
-        tokens = ops.reshape(x, (-1, ops.shape(x)[-1]))
-        h = ops.matmul(tokens, a)
-        outputs = [
-            ops.matmul(h[:, i * rank : (i + 1) * rank], b[i]) for i in range(3)
-        ]
+    def fused_a(x, *factors):
+        # The three A are separate variables: one product needs them side
+        # by side, concatenated in every call.
+        a, b = ops.concatenate(factors[:3], axis=1), factors[3:]
+        h = ops.matmul(ops.reshape(x, (-1, ops.shape(x)[-1])), a)
         shape = tuple(ops.shape(x)[:-1]) + heads
-        return ops.concatenate(
-            [ops.reshape(y, shape) for y in outputs], axis=-1
+        return tuple(
+            ops.reshape(
+                ops.matmul(h[:, i * rank : (i + 1) * rank], b[i]), shape
+            )
+            for i in range(3)
         )
 
-    def transposed(x, a, b):
+    def transposed(x, *factors):
+        a, b = factors[:3], factors[3:]
         tokens_t = ops.transpose(ops.reshape(x, (-1, ops.shape(x)[-1])))
         shape = tuple(ops.shape(x)[:-1]) + heads
         outputs = []
         for i in range(3):
-            h_t = ops.matmul(
-                ops.transpose(a[:, i * rank : (i + 1) * rank]), tokens_t
-            )
+            h_t = ops.matmul(ops.transpose(a[i]), tokens_t)
             y = ops.transpose(ops.matmul(ops.transpose(b[i]), h_t))
             outputs.append(ops.reshape(y, shape))
-        return ops.concatenate(outputs, axis=-1)
+        return tuple(outputs)
 
     forms = {"separate": separate, "fused_a": fused_a, "transposed": transposed}
     if compile_torch and keras.backend.backend() == "torch":
@@ -113,50 +112,92 @@ def qkv_branches(rank, heads, compile_torch=True):
     return forms
 
 
-def compiled_step(fn, x, a, b):
-    """A callable running forward + backward of `fn` once, blocking."""
+def _total(outputs, reduce_sum):
+    """The sum of every element of one output or a tuple of outputs."""
+    if not isinstance(outputs, tuple):
+        outputs = (outputs,)
+    total = reduce_sum(outputs[0])
+    for output in outputs[1:]:
+        total = total + reduce_sum(output)
+    return total
+
+
+def compiled_step(fn, *arrays):
+    """A callable running forward + backward of `fn` once (gradients for
+    every input), blocking."""
     import keras
 
     backend = keras.backend.backend()
     if backend == "torch":
         import torch
 
-        x, a, b = (torch.tensor(v, requires_grad=True) for v in (x, a, b))
+        inputs = [torch.tensor(v, requires_grad=True) for v in arrays]
 
         def step():
-            return torch.autograd.grad(fn(x, a, b).sum(), [x, a, b])
+            loss = _total(fn(*inputs), torch.sum)
+            return torch.autograd.grad(loss, inputs)
 
         return step
     if backend == "tensorflow":
         import tensorflow as tf
 
-        x, a, b = (tf.Variable(v) for v in (x, a, b))
+        inputs = [tf.Variable(v) for v in arrays]
 
         @tf.function
         def graph_step():
             with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(fn(x, a, b))
-            return tape.gradient(loss, [x, a, b])
+                loss = _total(fn(*inputs), tf.reduce_sum)
+            return tape.gradient(loss, inputs)
 
         return lambda: [g.numpy() for g in graph_step()]
     import jax
 
     grad = jax.jit(
-        jax.grad(lambda x, a, b: fn(x, a, b).sum(), argnums=(0, 1, 2))
+        jax.grad(
+            lambda *inputs: _total(fn(*inputs), jax.numpy.sum),
+            argnums=tuple(range(len(arrays))),
+        )
     )
-    x, a, b = (jax.numpy.asarray(v) for v in (x, a, b))
-    return lambda: jax.block_until_ready(grad(x, a, b))
+    inputs = [jax.numpy.asarray(v) for v in arrays]
+    return lambda: jax.block_until_ready(grad(*inputs))
 
 
-def _time_forms(forms, x, a, b, rounds, calls):
+def peft_layout(heads):
+    """The branch with the factors stored as PEFT stores them (`nn.Linear`
+    weights: A as `(r, d_in)`, B as `(d_out, r)`) and multiplied transposed,
+    `(x @ A^T) @ B^T`: the other memory layout of the same products. Takes
+    `(x, a_t, b_t)`."""
+    from keras import ops
+
+    def form(x, a_t, b_t):
+        tokens = ops.reshape(x, (-1, ops.shape(x)[-1]))
+        y = ops.matmul(
+            ops.matmul(tokens, ops.transpose(a_t)), ops.transpose(b_t)
+        )
+        return ops.reshape(y, tuple(ops.shape(x)[:-1]) + heads)
+
+    return form
+
+
+def _time_forms(forms, arrays, rounds, calls, own_arrays=None):
     """Checks every form's gradients against the first's, then times
-    forward + backward; returns `(ms per call, per-round times)`."""
+    forward + backward; returns `(ms per call, per-round times)`.
+
+    `own_arrays`: optional `{form: (arrays, to_reference)}` for a form that
+    takes other inputs; `to_reference(grads)` maps its gradients to the
+    first form's inputs for the check."""
     import numpy as np
 
-    steps = {name: compiled_step(fn, x, a, b) for name, fn in forms.items()}
+    own_arrays = own_arrays or {}
+    steps = {
+        name: compiled_step(fn, *own_arrays.get(name, (arrays,))[0])
+        for name, fn in forms.items()
+    }
     reference = None
-    for step in steps.values():
+    for name, step in steps.items():
         grads = [np.asarray(g) for g in step()]
+        if name in own_arrays:
+            grads = own_arrays[name][1](grads)
         if reference is None:
             reference = grads
         for g, r in zip(grads, reference, strict=True):
@@ -187,16 +228,27 @@ def run(size="quick", device="cpu"):
     x = rng.normal(size=spec["shape"]).astype("float32")
     a = rng.normal(size=(d_in, rank)).astype("float32")
     b = rng.normal(size=(rank, d_out)).astype("float32")
+    forms = branches(rank, spec["heads"])
+    forms["peft_layout"] = peft_layout(spec["heads"])
     ms, times = _time_forms(
-        branches(rank, spec["heads"]), x, a, b, spec["rounds"], spec["calls"]
+        forms,
+        (x, a, b),
+        spec["rounds"],
+        spec["calls"],
+        own_arrays={
+            "peft_layout": (
+                (x, np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)),
+                lambda g: [g[0], g[1].T, g[2].T],
+            )
+        },
     )
-    a3 = rng.normal(size=(d_in, 3 * rank)).astype("float32")
-    b3 = rng.normal(size=(3, rank, d_out)).astype("float32")
+    factors = [
+        rng.normal(size=shape).astype("float32")
+        for shape in [(d_in, rank)] * 3 + [(rank, d_out)] * 3
+    ]
     qkv_ms, qkv_times = _time_forms(
         qkv_branches(rank, spec["heads"], compile_torch=size != "smoke"),
-        x,
-        a3,
-        b3,
+        (x, *factors),
         spec["rounds"],
         spec["calls"],
     )
@@ -222,8 +274,8 @@ def table(out_dir="benchmarks/results", device="cpu"):
     results = common.results_by_backend(out_dir, "lora_branch", device)
     lines = [
         "| backend | two einsums ms | two 3-D matmuls ms | two 2-D matmuls ms "
-        "(used) | 2-D / einsum |",
-        "|---|---|---|---|---|",
+        "(used) | 2-D, PEFT's layout ms | 2-D / einsum | PEFT's layout / 2-D |",
+        "|---|---|---|---|---|---|---|",
     ]
     for backend in ("jax", "torch", "tensorflow"):
         if backend not in results:
@@ -231,8 +283,9 @@ def table(out_dir="benchmarks/results", device="cpu"):
         ms = results[backend]["ms_forward_backward"]
         lines.append(
             f"| {backend} | {ms['einsum']:.2f} | {ms['matmul_3d']:.2f} | "
-            f"{ms['matmul_2d']:.2f} | "
-            f"{results[backend]['vs_einsum']['matmul_2d']:.2f} |"
+            f"{ms['matmul_2d']:.2f} | {ms['peft_layout']:.2f} | "
+            f"{results[backend]['vs_einsum']['matmul_2d']:.2f} | "
+            f"{ms['peft_layout'] / ms['matmul_2d']:.2f} |"
         )
     lines += [
         "",

@@ -9,10 +9,11 @@ train step differentiates) is jit-compiled, not run, and read back:
 - `temp_bytes`: the compiled program's temporary memory
   (`compiled.memory_analysis().temp_size_in_bytes`, one preallocated block on
   the CPU backend);
-- `attention_buffers` / `attention_slots`: how many buffers of the size of
-  one block's attention matrix (query heads x seq x seq float32) the
-  buffer assignment places in that block, and at how many distinct offsets:
-  the slots reserved for them at once;
+- `attention_buffers` / `attention_slots`: how many buffers of one block's
+  attention scores or probabilities (float32 arrays whose last two axes are
+  the sequence, query heads x seq x seq numbers) the buffer assignment
+  places in that block, and at how many distinct offsets: the slots
+  reserved for them at once;
 - `barriers_before` / `barriers_after`: `opt-barrier` instructions (what
   `jax.checkpoint` emits around each rematerialized block) in the program
   before and after XLA's optimizations.
@@ -23,6 +24,7 @@ train step differentiates) is jit-compiled, not run, and read back:
 
 import glob
 import json
+import math
 import os
 import re
 import tempfile
@@ -31,7 +33,8 @@ from benchmarks import common
 from benchmarks import remat
 
 SIZES = {
-    "smoke": dict(model="gemma_smoke", seq_lens=(8,), rank=4),
+    # 12 tokens: no other array of gemma_smoke ends in (12, 12).
+    "smoke": dict(model="gemma_smoke", seq_lens=(12,), rank=4),
     "quick": dict(model="gemma_mid", seq_lens=(256, 1024, 4096), rank=8),
 }
 SIZES["full"] = SIZES["quick"]
@@ -48,7 +51,16 @@ def _check_backend():
         )
 
 
-def _read_dump(dump_dir, attention_bytes):
+def _is_attention_shape(dims, heads, seq_len):
+    """A float32 array of one block's attention scores or probabilities:
+    its last two axes are the sequence, and it holds `heads` of them (as
+    `(batch, heads, seq, seq)` or any reshape that keeps the last two)."""
+    return dims[-2:] == [seq_len, seq_len] and math.prod(dims) == (
+        heads * seq_len * seq_len
+    )
+
+
+def _read_dump(dump_dir, heads, seq_len):
     """Counts from the dump of the `jit_loss_gradient` module."""
     (assignment,) = glob.glob(
         os.path.join(
@@ -62,7 +74,15 @@ def _read_dump(dump_dir, attention_bytes):
     temp = (
         temp[: temp.find("\nallocation ")] if "\nallocation " in temp else temp
     )
-    offsets = re.findall(rf"\(size={attention_bytes},offset=(\d+)\)", temp)
+    offsets = [
+        offset
+        for offset, dims in re.findall(
+            r"\(size=\d+,offset=(\d+)\): f32\[([\d,]+)\]", temp
+        )
+        if _is_attention_shape(
+            [int(d) for d in dims.split(",")], heads, seq_len
+        )
+    ]
     counts = {}
     for stage in ("before_optimizations", "cpu_after_optimizations"):
         (path,) = glob.glob(
@@ -110,7 +130,7 @@ def measure(name, seq_len, rank, variant, dump_dir):
         "remat_mode_on_every_block": remat_set,
         "temp_bytes": analysis.temp_size_in_bytes,
         "attention_buffer_bytes": attention_bytes,
-        **_read_dump(dump_dir, attention_bytes),
+        **_read_dump(dump_dir, heads, seq_len),
     }
 
 

@@ -309,7 +309,8 @@ def clone_with_layer_paths(
     `stable_layer_paths` (computed for the clone anyway).
 
     `originals`: optional `stable_layer_paths(model)` the caller already
-    has (the model is walked once then).
+    has, walked on `model` as it is now (unchanged since); the model is then
+    not walked again.
 
     Returns:
         `(clone, stable_layer_paths(clone))`.

@@ -97,6 +97,26 @@ def test_clone_with_auto_numbered_sublayers_shares_every_variable(rng):
     assert_exact(to_numpy(model(x)), before)
 
 
+def test_clone_given_the_original_paths_is_the_clone_of_a_fresh_walk():
+    """apply_lora hands the clone the stable paths it already walked; the
+    clone is the same as when the clone walks the model itself: the same
+    layer paths, each sharing the same variables of the model."""
+    from keras_lora.clone import clone_with_layer_paths
+
+    model = tiny_gemma_causal_lm()
+    walked, walked_paths = clone_with_layer_paths(model)
+    given, given_paths = clone_with_layer_paths(
+        model, originals=stable_layer_paths(model)
+    )
+    assert list(given_paths) == list(walked_paths)
+    assert list(given_paths) == list(stable_layer_paths(given))
+    for path, layer in given_paths.items():
+        assert [id(v) for v in layer.weights] == [
+            id(v) for v in walked_paths[path].weights
+        ], path
+    assert {id(v) for v in given.weights} == {id(v) for v in model.weights}
+
+
 def test_adapter_file_loads_into_the_same_model_built_again(tmp_path):
     """The same architecture built twice in one process: the second gets
     `gemma_backbone_1/...` layer paths, and loads the first's file."""
