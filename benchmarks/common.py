@@ -621,6 +621,20 @@ def base_parser(description):
     return parser
 
 
+def require_backend(backend, script, reason):
+    """Raises a `RuntimeError` unless Keras runs on `backend`; the message
+    reads "benchmarks.<script> <reason>: run it with KERAS_BACKEND=...".
+    For the scripts that measure one backend's own machinery."""
+    import keras
+
+    if keras.backend.backend() != backend:
+        raise RuntimeError(
+            f"benchmarks.{script} {reason}: run it with "
+            f"KERAS_BACKEND={backend}. Received: "
+            f"backend={keras.backend.backend()!r}"
+        )
+
+
 def check_models(models, size, available):
     """Raises a `ValueError` naming `models` unless every requested model is
     one of the size's (so a typo never writes an empty result file)."""

@@ -49,14 +49,8 @@ SIZES = {
         warmup=1,
         steps=7,
     ),
-    "full": dict(
-        batch=(16, 128),
-        targets=("qv", "all_linear"),
-        rank=8,
-        warmup=2,
-        steps=25,
-    ),
 }
+SIZES["full"] = dict(SIZES["quick"], warmup=2, steps=25)
 
 #: PEFT `target_modules` (module-name suffixes of `BertModel` without its
 #: pooler) of the Keras target sets in `common.TARGET_SETS["qv"/"all_linear"]`:
@@ -73,14 +67,9 @@ HF_VARIANTS = ("peft", "hf_full", "hf_floor")
 
 def check_backend():
     """Raises unless Keras runs on PyTorch and transformers / peft import."""
-    import keras
-
-    if keras.backend.backend() != "torch":
-        raise RuntimeError(
-            "benchmarks.peft_compare compares against PEFT on PyTorch: run it "
-            "with KERAS_BACKEND=torch. Received: "
-            f"backend={keras.backend.backend()!r}"
-        )
+    common.require_backend(
+        "torch", "peft_compare", "compares against PEFT on PyTorch"
+    )
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401

@@ -153,9 +153,12 @@ def readme_table(out="benchmarks/results", device="cpu"):
         "Keras built-in LoRA | floor / full | keras_lora / floor |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    results = {
+        backend: load(out, "train_step", backend, device)
+        for backend in ("jax", "torch", "tensorflow")
+    }
     for targets, label in README_TARGETS.items():
-        for backend in ("jax", "torch", "tensorflow"):
-            result = load(out, "train_step", backend, device)
+        for backend, result in results.items():
             if result is None:
                 continue
             for row in result["results"]:

@@ -41,14 +41,9 @@ SIZES["full"] = SIZES["quick"]
 
 
 def _check_backend():
-    import keras
-
-    if keras.backend.backend() != "jax":
-        raise RuntimeError(
-            "benchmarks.xla_memory reads XLA's buffer assignment of a JAX "
-            "program: run it with KERAS_BACKEND=jax. Received: "
-            f"backend={keras.backend.backend()!r}"
-        )
+    common.require_backend(
+        "jax", "xla_memory", "reads XLA's buffer assignment of a JAX program"
+    )
 
 
 def _is_attention_shape(dims, heads, seq_len):
@@ -238,16 +233,9 @@ def main(argv=None):
         print(json.dumps(result))
         return result
     result = run(args.size, args.device)
-    print(table_of(result), end="")
     common.write_json(result, args.out, "xla_memory")
+    print(table(args.out, args.device), end="")
     return result
-
-
-def table_of(result):
-    """`table` of a result in memory (printed after a run)."""
-    with tempfile.TemporaryDirectory() as out:
-        common.write_json(result, out, "xla_memory")
-        return table(out, result["machine"]["device"])
 
 
 if __name__ == "__main__":

@@ -45,6 +45,19 @@ DEVICE = "gpu" if common.accelerator_name() else "cpu"
 SMOKE = ["--size", "smoke", "--device", DEVICE]
 
 
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def _performance_page(dedent=False):
+    """docs/performance.md's text; `dedent`: every line stripped (tables
+    inside list items are indented)."""
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        text = f.read()
+    if dedent:
+        return "\n".join(line.strip() for line in text.splitlines())
+    return text
+
+
 def _adapter_params(config, rank):
     """keras_lora's adapter size on Gemma query + value: r * (d + k) each."""
     d = config["hidden_dim"]
@@ -377,9 +390,8 @@ def test_layer_table_has_every_lora_layer_kind(tmp_path):
 def test_performance_page_layer_table_is_the_scripts():
     """docs/performance.md shows exactly `benchmarks.layers.table()` of the
     JSON in benchmarks/results (every number from the script)."""
-    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
-        page = f.read()
-    assert layers.table(os.path.join(ROOT, "benchmarks", "results")) in page
+    page = _performance_page()
+    assert layers.table(RESULTS) in page
 
 
 def test_adapter_serving_never_recompiles_and_mixed_equals_merged(tmp_path):
@@ -408,17 +420,15 @@ def test_adapter_serving_never_recompiles_and_mixed_equals_merged(tmp_path):
 def test_performance_page_memory_table_is_the_scripts():
     """docs/performance.md shows exactly `benchmarks.memory.table()` of the
     JSON in benchmarks/results."""
-    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
-        page = f.read()
-    assert memory.table(os.path.join(ROOT, "benchmarks", "results")) in page
+    page = _performance_page()
+    assert memory.table(RESULTS) in page
 
 
 def test_performance_page_adapter_table_is_the_scripts():
     """docs/performance.md shows exactly `benchmarks.adapters.table()` of
     the JSON in benchmarks/results."""
-    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
-        page = f.read()
-    assert adapters.table(os.path.join(ROOT, "benchmarks", "results")) in page
+    page = _performance_page()
+    assert adapters.table(RESULTS) in page
 
 
 def test_quantized_bases_shrink_the_weights_and_report_the_merge(tmp_path):
@@ -484,10 +494,8 @@ def test_train_memory_measures_each_variant_in_its_own_process(tmp_path):
 def test_performance_page_train_memory_table_is_the_scripts():
     """docs/performance.md shows exactly `benchmarks.train_memory.table()`
     of the JSON in benchmarks/results."""
-    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
-        page = f.read()
-    results = os.path.join(ROOT, "benchmarks", "results")
-    assert train_memory.table(results) in page
+    page = _performance_page()
+    assert train_memory.table(RESULTS) in page
 
 
 def test_remat_measures_both_variants_at_each_length(tmp_path):
@@ -527,10 +535,8 @@ def test_remat_measures_both_variants_at_each_length(tmp_path):
 def test_performance_page_remat_table_is_the_scripts():
     """docs/performance.md shows exactly `benchmarks.remat.table()` of the
     JSON in benchmarks/results."""
-    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
-        page = f.read()
-    results = os.path.join(ROOT, "benchmarks", "results")
-    assert remat.table(results) in page
+    page = _performance_page()
+    assert remat.table(RESULTS) in page
 
 
 def test_quantization_page_table_is_the_scripts():
@@ -538,9 +544,8 @@ def test_quantization_page_table_is_the_scripts():
     the JSON in benchmarks/results."""
     with open(os.path.join(ROOT, "docs", "quantization.md")) as f:
         page = f.read()
-    results = os.path.join(ROOT, "benchmarks", "results")
-    assert quantized.table(results) in page
-    assert quantized.memory_table(results) in page
+    assert quantized.table(RESULTS) in page
+    assert quantized.memory_table(RESULTS) in page
 
 
 def test_quantized_rows_of_the_performance_page_come_from_the_json(tmp_path):
@@ -564,10 +569,8 @@ def test_quantized_rows_of_the_performance_page_come_from_the_json(tmp_path):
     )
     fractions = [float(c) for c in cells[4].split(" / ")]
     assert 0 < fractions[1] < fractions[0] < 1
-    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
-        page = f.read()
-    results = os.path.join(ROOT, "benchmarks", "results")
-    assert quantized.performance_table(results) in page
+    page = _performance_page()
+    assert quantized.performance_table(RESULTS) in page
 
 
 def test_peft_compare_trains_the_same_weights_in_both_frameworks(tmp_path):
@@ -607,21 +610,18 @@ def test_peft_compare_trains_the_same_weights_in_both_frameworks(tmp_path):
 def test_performance_page_peft_table_is_the_scripts():
     """docs/performance.md shows exactly `benchmarks.peft_compare.table()`
     of the JSON in benchmarks/results."""
-    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
-        page = f.read()
-    results = os.path.join(ROOT, "benchmarks", "results")
-    assert peft_compare.table(results) in page
+    page = _performance_page()
+    assert peft_compare.table(RESULTS) in page
 
 
 def test_plot_draws_the_json_numbers(tmp_path):
     """The plot's series are the remat and scaling JSON's numbers, and the
     PNG is written."""
-    results = os.path.join(ROOT, "benchmarks", "results")
     output = tmp_path / "performance.png"
-    data = plot.plot(str(output), results)
+    data = plot.plot(str(output), RESULTS)
     with open(output, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    with open(os.path.join(results, "remat_torch_cpu.json")) as f:
+    with open(os.path.join(RESULTS, "remat_torch_cpu.json")) as f:
         remat_torch = json.load(f)
     torch_sequence = data["sequence"]["torch"]
     assert torch_sequence["seq_len"] == [
@@ -633,7 +633,7 @@ def test_plot_draws_the_json_numbers(tmp_path):
     ]
     # TensorFlow's remat fails in tf.function: only its no-remat peaks.
     assert set(data["sequence"]["tensorflow"]) == {"seq_len", "no_remat"}
-    with open(os.path.join(results, "scaling_jax_cpu.json")) as f:
+    with open(os.path.join(RESULTS, "scaling_jax_cpu.json")) as f:
         rows = json.load(f)["rank_sweep"]["rows"]
     assert data["rank"]["jax"]["rank"] == [row["rank"] for row in rows]
     assert data["rank"]["jax"]["step_s"] == [row["median_s"] for row in rows]
@@ -645,8 +645,7 @@ def test_readme_performance_table_is_the_scripts():
     set."""
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
-    results = os.path.join(ROOT, "benchmarks", "results")
-    text = run_all.readme_table(results)
+    text = run_all.readme_table(RESULTS)
     assert text.count("\n") == 2 + 6
     assert text in readme
 
@@ -654,10 +653,8 @@ def test_readme_performance_table_is_the_scripts():
 def test_performance_page_lora_branch_tables_are_the_scripts():
     """docs/performance.md shows exactly `benchmarks.lora_branch.table()` of
     the JSON in benchmarks/results (inside a list item, indented)."""
-    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
-        page = "\n".join(line.strip() for line in f.read().splitlines())
-    results = os.path.join(ROOT, "benchmarks", "results")
-    first, second = lora_branch.table(results).split("\n\n")
+    page = _performance_page(dedent=True)
+    first, second = lora_branch.table(RESULTS).split("\n\n")
     assert first in page
     assert second in page
 
@@ -689,7 +686,5 @@ def test_xla_memory_reads_the_compiled_programs_buffer_assignment(tmp_path):
 def test_performance_page_xla_memory_table_is_the_scripts():
     """docs/performance.md shows exactly `benchmarks.xla_memory.table()` of
     the JSON in benchmarks/results (inside a list item, indented)."""
-    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
-        page = "\n".join(line.strip() for line in f.read().splitlines())
-    results = os.path.join(ROOT, "benchmarks", "results")
-    assert xla_memory.table(results) in page
+    page = _performance_page(dedent=True)
+    assert xla_memory.table(RESULTS) in page
